@@ -1,0 +1,114 @@
+"""The HF tokenizer of a checkpoint: chat-templated prompts in, responses out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import fsspec
+import transformers
+
+from tropd_jax.models.safetensors_io import is_local
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "vocab.json", "merges.txt", "tokenizer.model",
+)
+
+
+class Tokenizer:
+  """A checkpoint's tokenizer with the pieces distillation needs.
+
+  Attributes:
+    hf: the underlying ``transformers`` tokenizer.
+    source: where it was loaded from (for messages).
+    vocab_size: the real vocabulary size (``len(hf)``), which may be smaller
+      than a model's embedding rows.
+    stop_ids: EOS and the chat template's end-of-turn token, deduplicated.
+    pad_id: id used to pad (never attended to).
+  """
+
+  def __init__(self, hf, source: str):
+    self.hf = hf
+    self.source = source
+    self.vocab_size = len(hf)
+    stops = []
+    for tok in (hf.eos_token, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+      tid = hf.convert_tokens_to_ids(tok) if tok else None
+      if tid is not None and tid != hf.unk_token_id and tid not in stops:
+        stops.append(tid)
+    self.stop_ids = tuple(stops)
+    self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else (stops or [0])[0]
+
+  def encode_prompt(self, prompt: str | list[dict], *, system: str | None = None) -> list[int]:
+    """Token ids of a user prompt (or a message list) with the chat template applied.
+
+    Without a chat template, the raw text is encoded.
+    """
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if system is not None:
+      messages = [{"role": "system", "content": system}, *messages]
+    if self.hf.chat_template:
+      ids = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+      return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return self.encode(messages[-1]["content"])
+
+  def encode(self, text: str) -> list[int]:
+    return self.hf.encode(text, add_special_tokens=False)
+
+  def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+    return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """Loads the tokenizer in a checkpoint directory (local, gs:// or hub id)."""
+  from tropd_jax.models.hf_io import resolve_checkpoint
+
+  src = resolve_checkpoint(path)
+  local = src
+  if not is_local(src):
+    local = tempfile.mkdtemp(prefix="tropd_tok_")
+    for fname in _TOKENIZER_FILES:
+      remote = f"{src}/{fname}"
+      if fsspec.open(remote).fs.exists(remote):
+        with fsspec.open(remote, "rb") as fi, open(os.path.join(local, fname), "wb") as fo:
+          fo.write(fi.read())
+  if not any(os.path.exists(os.path.join(local, f)) for f in _TOKENIZER_FILES[:1] + _TOKENIZER_FILES[4:]):
+    raise FileNotFoundError(
+        f"{path} has no tokenizer (tokenizer.json, vocab.json or tokenizer.model); "
+        "copy the tokenizer files into the checkpoint directory."
+    )
+  return Tokenizer(transformers.AutoTokenizer.from_pretrained(local), str(path))
+
+
+def check_same_tokenizer(
+    teacher: Tokenizer, student: Tokenizer, teacher_rows: int, student_rows: int
+) -> int:
+  """Fails unless teacher and student share a tokenizer; returns its vocabulary size.
+
+  Embedding tables may differ in rows (152064 vs 151936) while the tokenizer is
+  the same: logits are then compared over the tokenizer's real vocabulary only.
+  """
+  if teacher.hf.get_vocab() != student.hf.get_vocab():
+    raise ValueError(
+        f"teacher tokenizer ({teacher.source}, {teacher.vocab_size} tokens) and student "
+        f"tokenizer ({student.source}, {student.vocab_size} tokens) differ; on-policy "
+        "distillation needs one shared tokenizer."
+    )
+  vocab = teacher.vocab_size
+  for who, rows in (("teacher", teacher_rows), ("student", student_rows)):
+    if rows < vocab:
+      raise ValueError(
+          f"{who} embedding has {rows} rows but the tokenizer has {vocab} tokens; "
+          "the checkpoint does not match its tokenizer."
+      )
+  if teacher_rows != student_rows or teacher_rows != vocab:
+    log.info(
+        "teacher has %d embedding rows, student %d; comparing logits over the shared "
+        "tokenizer's %d tokens (extra rows get no probability).", teacher_rows, student_rows,
+        vocab,
+    )
+  return vocab
