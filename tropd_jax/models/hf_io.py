@@ -36,17 +36,21 @@ TOKENIZER_FILES = (
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def resolve_checkpoint(path: str) -> str:
-  """A readable directory for ``path``: local dir, gs:// URL or HF hub id."""
+def resolve_checkpoint(path: str, *, marker: str | None = "config.json") -> str:
+  """A readable directory for ``path``: local dir, gs:// URL or HF hub id.
+
+  ``marker`` is a file the directory must hold (None: any directory).
+  """
   path = str(path)
   if not is_local(path):
-    if not fsspec.open(f"{path.rstrip('/')}/config.json").fs.exists(f"{path.rstrip('/')}/config.json"):
-      raise FileNotFoundError(f"no config.json under {path}: point at a checkpoint directory.")
-    return path.rstrip("/")
+    path = path.rstrip("/")
+    if marker and not fsspec.open(f"{path}/{marker}").fs.exists(f"{path}/{marker}"):
+      raise FileNotFoundError(f"no {marker} under {path}: point at a checkpoint directory.")
+    return path
   if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if marker and not os.path.exists(os.path.join(path, marker)):
       raise FileNotFoundError(
-          f"{path} has no config.json: point at a Hugging Face checkpoint directory."
+          f"{path} has no {marker}: point at a Hugging Face checkpoint directory."
       )
     return path
   if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
@@ -253,7 +257,7 @@ def save_pretrained(
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
   _write_json(f"{path}/config.json", cfg.to_hf_config())
   if tokenizer_dir:
-    src_dir = resolve_checkpoint(tokenizer_dir) if is_local(tokenizer_dir) else tokenizer_dir
+    src_dir = resolve_checkpoint(tokenizer_dir, marker=None)
     for fname in TOKENIZER_FILES:
       src = f"{src_dir}/{fname}"
       if fsspec.open(src).fs.exists(src):

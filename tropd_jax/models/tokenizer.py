@@ -67,7 +67,7 @@ def load_tokenizer(path: str) -> Tokenizer:
   """Loads the tokenizer in a checkpoint directory (local, gs:// or hub id)."""
   from tropd_jax.models.hf_io import resolve_checkpoint
 
-  src = resolve_checkpoint(path)
+  src = resolve_checkpoint(path, marker=None)
   local = src
   if not is_local(src):
     local = tempfile.mkdtemp(prefix="tropd_tok_")
