@@ -80,7 +80,7 @@ def make_tokenizer(path, vocab: int = VOCAB, corpus: list[str] | None = None) ->
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  corpus = corpus or ["the cat sat on the mat 12 + 34 = 46", "user assistant system"] * 20
+  corpus = corpus or ["the cat sat on the mat 12 + 34 = 46\n", "user\nassistant\nsystem\n"] * 20
   trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False)
   tok.train_from_iterator(corpus, trainer)
   fast = PreTrainedTokenizerFast(

@@ -20,7 +20,7 @@ from flax import nnx
 
 from tropd_jax import mesh as mesh_lib
 from tropd_jax.models.config import ModelConfig
-from tropd_jax.models.layers import RMSNorm, apply_rope, param
+from tropd_jax.models.layers import RMSNorm, apply_rope, expand_to, param
 
 _KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 
@@ -115,9 +115,9 @@ class Attention(nnx.Module):
     k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...])
     v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...])
     if self.cfg.qkv_bias:
-      q_BTNH = q_BTNH + self.q_bias_NH[...]
-      k_BTKH = k_BTKH + self.k_bias_KH[...]
-      v_BTKH = v_BTKH + self.v_bias_KH[...]
+      q_BTNH = q_BTNH + expand_to(self.q_bias_NH[...], 4)
+      k_BTKH = k_BTKH + expand_to(self.k_bias_KH[...], 4)
+      v_BTKH = v_BTKH + expand_to(self.v_bias_KH[...], 4)
     if self.cfg.qk_norm:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     q_BTNH = mesh_lib.shard(apply_rope(q_BTNH, positions_BT, inv_freq_h),
@@ -134,5 +134,5 @@ class Attention(nnx.Module):
     out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)
     out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...])
     if self.cfg.o_bias:
-      out_BTD = out_BTD + self.o_bias_D[...]
+      out_BTD = out_BTD + expand_to(self.o_bias_D[...], 3)
     return out_BTD, (k_BSKH, v_BSKH)

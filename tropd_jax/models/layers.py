@@ -16,6 +16,11 @@ from tropd_jax import mesh as mesh_lib
 from tropd_jax.models.config import ModelConfig, RopeScaling
 
 
+def expand_to(v, ndim: int):
+  """Adds leading unit axes to ``v`` (explicit broadcasting; rank promotion is off)."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def param(rngs: nnx.Rngs | None, shape, dtype, axes, init: str = "normal") -> nnx.Param:
   """A parameter sharded by its logical ``axes`` on the current mesh, if any.
 
@@ -42,7 +47,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...] * x32.astype(x.dtype)
+    return expand_to(self.scale[...], x.ndim) * x32.astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
@@ -67,7 +72,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Arra
 
 def apply_rope(x_BTnH, positions_BT, inv_freq_h):
   """Rotary embedding in the rotate-half layout HF uses; float32 math."""
-  angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
+  angles_BTh = positions_BT.astype(jnp.float32)[..., None] * expand_to(inv_freq_h, 3)
   cos = jnp.cos(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
   sin = jnp.sin(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
   x32 = x_BTnH.astype(jnp.float32)
