@@ -7,8 +7,10 @@ Work-directory layout written here:
                             the last checkpoint appear twice; the later line is the resumed run's.
   <workdir>/tensorboard/    TensorBoard event files (`tensorboard --logdir <workdir>/tensorboard`).
 
-Local directories and gs:// work directly. For another remote filesystem (any fsspec URL) the JSONL is
-written through fsspec and the events go to a local mirror directory that is logged at start-up.
+Local directories and gs:// work directly (tensorboardX writes gs:// events with google-cloud-storage,
+a dependency of gcsfs; TensorBoard reads `--logdir gs://…` itself). For another remote filesystem
+(any fsspec URL) the JSONL is written through fsspec and the events go to a local mirror directory
+that is logged at start-up.
 
 Only process 0 writes by default, so a multi-host run logs once.
 """
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import sys
 import tempfile
 import time
@@ -39,8 +42,8 @@ PROGRESS_KEYS: dict[str, str] = {
     "loss": "loss",
     "trust_frac": "trust",
     "tokens_per_s/sample": "tok/s sample",
-    "tokens_per_s/score": "score",
-    "tokens_per_s/train": "train",
+    "tokens_per_s/score": "tok/s score",
+    "tokens_per_s/train": "tok/s train",
 }
 """Metric name → progress-bar label, for the metrics the bar shows when they are logged."""
 
@@ -179,6 +182,10 @@ def latest_per_step(records: Sequence[dict]) -> list[dict]:
   return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
 
 
+def _short(value: float) -> str:
+  return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 class ProgressBar:
   """A tqdm bar on stderr: step/total, ETA, and the loss, trust fraction and tokens/s when logged.
 
@@ -205,7 +212,7 @@ class ProgressBar:
 
   def update(self, step: int, scalars: Mapping[str, float]) -> None:
     """Moves the bar to `step` and shows the tracked values of `scalars`."""
-    postfix = {label: f"{float(scalars[name]):.4g}" for name, label in self._keys.items()
+    postfix = {label: _short(float(scalars[name])) for name, label in self._keys.items()
                if name in scalars}
     self._bar.set_postfix(postfix, refresh=False)
     self._bar.update(step - self._bar.n)
@@ -237,6 +244,8 @@ def plot_metrics(workdir: str, keys: Sequence[str], out_png: str) -> list[str]:
     ax.grid(alpha=0.3)
   axes[-1, 0].set_xlabel("step")
   fig.tight_layout()
-  with fsspec.open(out_png, "wb") as f:
+  fs, path = fsspec.core.url_to_fs(out_png)
+  fs.makedirs(posixpath.dirname(path), exist_ok=True)
+  with fs.open(path, "wb") as f:
     fig.savefig(f, format="png", dpi=110)
   return present
