@@ -1,0 +1,158 @@
+"""The whole distillation loop on tiny HF checkpoints: every objective, resume, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hf_fixtures import make_hf_model, make_tokenizer
+from tropd_jax import config as config_lib
+from tropd_jax import metrics as metrics_lib
+from tropd_jax import models, train
+
+PROBLEMS = ["the cat sat", "12 + 34", "on the mat", "cat 46", "the 12 mat", "sat on 34"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ckpts")
+  make_hf_model(root / "teacher", "qwen2", seed=1, layers=2, d_model=32, peaked=3.0)
+  make_hf_model(root / "student", "qwen2", seed=2, layers=1, d_model=32, peaked=3.0)
+  for name in ("teacher", "student"):
+    make_tokenizer(root / name)
+  with open(root / "train.jsonl", "w") as f:
+    for i, p in enumerate(PROBLEMS):
+      f.write(json.dumps({"problem": p, "answer": str(i), "response": "the cat 12"}) + "\n")
+  return root
+
+
+def tiny_config(root, workdir, objective="tropd", **overrides):
+  c = config_lib.defaults()
+  c.workdir = str(workdir)
+  c.steps = 3
+  c.student.path = str(root / "student")
+  c.student.dtype = "float32"
+  c.student.compute_dtype = "float32"
+  c.student.remat = False
+  c.teacher.path = str(root / "teacher")
+  c.teacher.dtype = "float32"
+  c.mesh.fsdp = -1
+  c.data.train_path = str(root / "train.jsonl")
+  c.data.max_prompt_tokens = 24
+  c.rollout.prompts_per_step = 2
+  c.rollout.num_samples = 2
+  c.rollout.max_new_tokens = 6
+  c.rollout.micro_batch = 4
+  c.rollout.prompt_buckets = (24,)
+  c.guidance.max_teacher_tokens = 6
+  c.objective.name = objective
+  c.objective.top_k = 8
+  c.train.lr = 1e-2
+  c.train.micro_batch = 2
+  c.train.score_chunk = 8
+  c.checkpoint.every = 1
+  c.checkpoint.async_save = False
+  for dotted, value in overrides.items():
+    node = c
+    *parents, leaf = dotted.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _params(workdir_model):
+  from flax import nnx
+  import jax
+
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(workdir_model, nnx.Param))]
+
+
+@pytest.mark.parametrize("objective", sorted(
+    ["opd", "tropd", "topk_fkl", "jsd", "entropy_opd", "eopd", "clip_outlier", "mask_outlier",
+     "fkl_outlier"]))
+def test_loop_runs_every_objective(checkpoints, tmp_path, objective):
+  config = tiny_config(checkpoints, tmp_path / "run", objective, steps=2)
+  before = _params(models.from_pretrained(str(checkpoints / "student")))
+  last = train.run_training(config)
+  assert np.isfinite(last["loss"]) and last["finite"] == 1
+  records = metrics_lib.read_metrics(str(tmp_path / "run"))
+  assert [r["step"] for r in records] == [1, 2]
+  for field in ("loss", "grad_norm", "rollout/response_length", "throughput/sample_tokens_per_s"):
+    assert field in records[-1], field
+  if objective in ("tropd", "fkl_outlier"):
+    assert 0 <= records[-1]["trust_frac"] <= 1
+  if objective == "tropd":
+    assert records[-1]["rollout/prefix_length"] > 0
+    assert os.path.exists(tmp_path / "run" / "teacher_responses.jsonl")
+  assert os.listdir(tmp_path / "run" / "tensorboard")
+  run = train.setup(config)  # resumes from the final checkpoint
+  after = _params(run.student)
+  assert int(run.state.step) == 2
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_resume_matches_uninterrupted(checkpoints, tmp_path):
+  full = tiny_config(checkpoints, tmp_path / "full", steps=3)
+  train.run_training(full)
+  resumed = tiny_config(checkpoints, tmp_path / "part", steps=3)
+  train.run_training(resumed, stop_at_step=2)
+  train.run_training(resumed)
+  a = metrics_lib.read_metrics(str(tmp_path / "full"))
+  b = metrics_lib.read_metrics(str(tmp_path / "part"))
+  assert [r["step"] for r in b] == [1, 2, 3]
+  for ra, rb in zip(a, b):
+    for k in ("loss", "grad_norm", "trust_frac", "rollout/response_length"):
+      np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  pa = _params(train.setup(full).student)
+  pb = _params(train.setup(resumed).student)
+  for x, y in zip(pa, pb):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def test_corrupted_latest_checkpoint_falls_back(checkpoints, tmp_path, caplog):
+  config = tiny_config(checkpoints, tmp_path / "run", "opd", steps=2)
+  train.run_training(config)
+  step_dir = tmp_path / "run" / "checkpoints" / "2"
+  for dirpath, _, files in os.walk(step_dir / "state"):
+    for f in files:
+      with open(os.path.join(dirpath, f), "wb") as fh:
+        fh.write(b"garbage")
+  with caplog.at_level("WARNING"):
+    run = train.setup(config)
+  assert int(run.state.step) == 1
+  assert "step 2" in caplog.text and "falling back to step 1" in caplog.text
+
+
+def test_bad_inputs(checkpoints, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    train.setup(tiny_config(checkpoints, tmp_path, student__path=str(tmp_path / "missing")))
+  with pytest.raises(FileNotFoundError, match="data file .* does not exist"):
+    train.setup(tiny_config(checkpoints, tmp_path, data__train_path=str(tmp_path / "no.jsonl")))
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  with pytest.raises(ValueError, match="holds no records"):
+    train.setup(tiny_config(checkpoints, tmp_path, data__train_path=str(empty)))
+  with pytest.raises(ValueError, match="every one of the 6 prompts .*data.max_prompt_tokens=3"):
+    train.setup(tiny_config(checkpoints, tmp_path, data__max_prompt_tokens=3,
+                            rollout__prompt_buckets=(3,)))
+  with pytest.raises(ValueError, match="config field 'train.lrr' does not exist"):
+    c = tiny_config(checkpoints, tmp_path)
+    c.unlock()
+    c.train.lrr = 1.0
+    config_lib.validate(c)
+  with pytest.raises(ValueError, match="objective.name='tropdd'"):
+    config_lib.validate(tiny_config(checkpoints, tmp_path, objective="tropdd"))
+  other = tmp_path / "other_tok"
+  make_hf_model(other, "qwen2", layers=1)
+  make_tokenizer(other, corpus=["entirely different words\n"] * 10)
+  with pytest.raises(ValueError, match="teacher tokenizer .* and student tokenizer .*differ"):
+    train.setup(tiny_config(checkpoints, tmp_path, teacher__path=str(other)))
+
+
+def test_nonfinite_loss_stops_the_run(checkpoints, tmp_path):
+  config = tiny_config(checkpoints, tmp_path / "run", "opd", steps=3, train__lr=1e30,
+                       train__grad_clip=0.0, train__max_bad_steps=1)
+  with pytest.raises(train.NonFiniteLossError, match="consecutive steps had a non-finite"):
+    train.run_training(config)

@@ -1,0 +1,41 @@
+"""Entry point: ``python -m tropd_jax.main --config=configs/aime.py [--config.a.b=value]``."""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 for multi-process runs on CPU/GPU "
+    "(TPU pods find it themselves).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv) -> None:
+  del argv
+  import jax
+
+  if _COORDINATOR.value:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif jax.config.jax_platforms in (None, "", "tpu") and _on_tpu_pod():
+    jax.distributed.initialize()
+  logging.getLogger().setLevel(logging.INFO)
+  from tropd_jax import train
+
+  train.run_training(_CONFIG.value)
+
+
+def _on_tpu_pod() -> bool:
+  import os
+
+  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

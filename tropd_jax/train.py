@@ -1,0 +1,294 @@
+"""The distillation loop: sample → teacher scores → update → log → checkpoint → evaluate.
+
+Holds no math: every array computation is in the jitted phases of
+``train_step`` and ``sampler``; this module moves data between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tropd_jax import checkpoint as ckpt_lib
+from tropd_jax import config as config_lib
+from tropd_jax import data as data_lib
+from tropd_jax import mesh as mesh_lib
+from tropd_jax import metrics as metrics_lib
+from tropd_jax import models
+from tropd_jax import train_step as ts
+from tropd_jax.sampler import Rollout, Sampler, SamplerConfig, concat_rollouts
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run holds between steps."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  tokenizer: models.Tokenizer
+  vocab_size: int
+  student: models.Transformer
+  teacher: models.Transformer
+  stream: data_lib.PromptStream
+  teacher_cache: data_lib.TeacherResponseCache | None
+  state: ts.TrainState
+  checkpointer: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricsWriter
+  key: jax.Array
+
+
+def guidance_fraction(step: int, total_steps: int) -> float:
+  """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (METHOD.md §4)."""
+  return (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+
+
+def to_host(x) -> np.ndarray:
+  """A global array on every process's host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+  """Validates the config, loads models and data, restores the latest checkpoint."""
+  config_lib.validate(config)
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**config.mesh))
+  t_tok = models.load_tokenizer(config.teacher.path)
+  s_tok = models.load_tokenizer(config.student.path)
+  t_cfg = models.ModelConfig.from_hf_config(hf_io_config(config.teacher.path))
+  s_cfg = models.ModelConfig.from_hf_config(hf_io_config(config.student.path))
+  vocab_size = models.check_same_tokenizer(t_tok, s_tok, t_cfg.vocab_size, s_cfg.vocab_size)
+  prompts, _ = data_lib.load_prompts(
+      config.data.train_path, s_tok, prompt_key=config.data.prompt_key,
+      answer_key=config.data.answer_key, teacher_response_key=config.data.teacher_response_key,
+      system_prompt=config.data.system_prompt, max_prompt_tokens=config.data.max_prompt_tokens)
+  stream = data_lib.PromptStream(
+      prompts, prompts_per_step=config.rollout.prompts_per_step, seed=config.seed,
+      shuffle=config.data.shuffle, num_epochs=config.data.num_epochs)
+  student = models.from_pretrained(config.student.path, dtype=config.student.dtype, mesh=mesh,
+                                   remat=config.student.remat)
+  teacher = models.from_pretrained(config.teacher.path, dtype=config.teacher.dtype, mesh=mesh)
+  obj = config_lib.objective_config(config)
+  teacher_cache = None
+  if obj.guidance and not config.data.teacher_response_key:
+    teacher_cache = data_lib.TeacherResponseCache(f"{config.workdir}/teacher_responses.jsonl")
+
+  tx = _optimizer(config)
+  params = nnx.state(student, nnx.Param)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  state = ts.TrainState(params, opt_state, mesh_lib.put(np.zeros((), np.int32), (), mesh))
+  checkpointer = ckpt_lib.Checkpointer(
+      f"{config.workdir}/checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
+      async_save=config.checkpoint.async_save)
+  key = jax.random.key_data(jax.random.key(config.seed))
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(dataclasses.asdict(state)))
+  if restored is not None:
+    step, tree, meta = restored
+    state = ts.TrainState(**tree)
+    stream.restore(meta["data"])
+    log.info("resumed from step %d in %s", step, config.workdir)
+  nnx.update(student, state.params)
+  return Run(config, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache, state,
+             checkpointer, metrics_lib.MetricsWriter(config.workdir), key)
+
+
+def hf_io_config(path: str) -> dict:
+  from tropd_jax.models import hf_io
+
+  return hf_io.read_json(f"{hf_io.resolve_checkpoint(path)}/config.json")
+
+
+def _optimizer(config):
+  t = config.train
+  return ts.make_optimizer(lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
+                           steps=config.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
+                           grad_clip=t.grad_clip)
+
+
+def sampler_config(config, tokenizer: models.Tokenizer, vocab_size: int, *, max_new_tokens=None,
+                   temperature=None) -> SamplerConfig:
+  r = config.rollout
+  return SamplerConfig(
+      max_new_tokens=max_new_tokens or r.max_new_tokens,
+      temperature=r.temperature if temperature is None else temperature,
+      top_p=r.top_p, top_k=r.top_k, stop_ids=tokenizer.stop_ids,
+      length_buckets=tuple(r.prompt_buckets), micro_batch_size=r.micro_batch,
+      pad_id=tokenizer.pad_id, vocab_size=vocab_size, cache_dtype=config.student.compute_dtype)
+
+
+def _compute_model(model: models.Transformer, dtype: str) -> models.Transformer:
+  """``model`` itself if it is in ``dtype``, else a cast copy for sampling (same shardings)."""
+  if model.cfg.dtype == dtype:
+    return model
+  graphdef, state = nnx.split(model)
+  cast = jax.jit(lambda s: jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, s))
+  return nnx.merge(graphdef, cast(state))
+
+
+def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[int, ...]]:
+  """Each prompt's teacher response: from the data, the cache, or generated now and cached."""
+  if prompts[0].teacher_ids is not None:
+    return [p.teacher_ids for p in prompts]
+  missing = [p for p in prompts if run.teacher_cache.get(p.index) is None]
+  if missing:
+    cfg = run.config
+    sampler = Sampler(run.teacher, sampler_config(
+        cfg, run.tokenizer, run.vocab_size, max_new_tokens=cfg.guidance.max_teacher_tokens,
+        temperature=cfg.guidance.teacher_temperature), mesh=run.mesh)
+    rollout = sampler.rollout([p.ids for p in missing], n=1, seed=cfg.seed + 1)
+    tokens, mask = to_host(rollout.tokens), to_host(rollout.completion_mask)
+    run.teacher_cache.add({p.index: row[m].tolist() for p, row, m in zip(missing, tokens, mask)})
+  return [run.teacher_cache.get(p.index) for p in prompts]
+
+
+def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout, dict]:
+  """On-policy rollouts (n per prompt) plus guided ones; rows prompt-major, guided last."""
+  cfg = run.config
+  obj = config_lib.objective_config(cfg)
+  model = _compute_model(run.student, cfg.student.compute_dtype)
+  sampler = Sampler(model, sampler_config(cfg, run.tokenizer, run.vocab_size), mesh=run.mesh)
+  ids = [p.ids for p in prompts]
+  n = cfg.rollout.num_samples
+  rollouts = [sampler.rollout(ids, n=n, seed=step)]
+  info = {"sampler/kv_cache_gib": sampler.stats.kv_cache_bytes / 2**30}
+  if obj.guidance and cfg.guidance.per_prompt:
+    alpha = guidance_fraction(step, cfg.steps)
+    prefixes = [r[: int(alpha * len(r))] for r in teacher_responses(run, prompts)]
+    rollouts.append(sampler.rollout(ids, prefixes, n=cfg.guidance.per_prompt, seed=step,
+                                    row_offset=len(ids) * n))
+    info["guidance/alpha"] = alpha
+  info["sampler/compilations"] = sampler.stats.num_compilations
+  return concat_rollouts(rollouts, run.tokenizer.pad_id), info
+
+
+def to_batch(rollout: Rollout, mesh) -> ts.Batch:
+  s = rollout.shifted()
+  rows = s.inputs.shape[0]
+  batch = ts.Batch(inputs=s.inputs, targets=s.targets, input_mask=s.input_mask,
+                   completion_mask=s.completion_mask, prefix_mask=s.prefix_mask,
+                   row_ids=jnp.arange(rows, dtype=jnp.int32))
+  return jax.device_put(batch, ts.batch_shardings(batch, mesh))
+
+
+def rollout_metrics(rollout: Rollout) -> dict:
+  lengths = rollout.lengths.astype(jnp.float32)
+  return {
+      "rollout/response_length": jnp.mean(lengths),
+      "rollout/truncation_rate": jnp.mean(rollout.truncated.astype(jnp.float32)),
+      "rollout/prefix_length": jnp.mean(rollout.prefix_lengths.astype(jnp.float32)),
+  }
+
+
+class _Phases:
+  """Jitted scoring and update functions, built once per run."""
+
+  def __init__(self, run: Run):
+    cfg, mesh = run.config, run.mesh
+    t = cfg.train
+    obj = config_lib.objective_config(cfg)
+    compute = jnp.dtype(cfg.student.compute_dtype)
+    common = dict(chunk_size=t.score_chunk, vocab_size=run.vocab_size, micro_batch=t.micro_batch)
+    t_graph, self.teacher_params = nnx.graphdef(run.teacher), nnx.state(run.teacher, nnx.Param)
+    s_graph = nnx.graphdef(run.student)
+    with jax.set_mesh(mesh):
+      self.score = jax.jit(ts.make_teacher_scorer(t_graph, top_k=obj.top_k, **common,
+                                                  compute_dtype=jnp.dtype(cfg.teacher.dtype)))
+      self.student_logp = jax.jit(ts.make_student_logp(s_graph, **common, compute_dtype=compute))
+      shardings = ts.state_shardings(run.state)
+      self.update = jax.jit(
+          ts.make_train_step(s_graph, _optimizer(cfg), obj, **common, compute_dtype=compute),
+          out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict:
+  """Runs (or resumes) a distillation; returns the last step's metrics.
+
+  Args:
+    config: the run's config (validated here).
+    stop_at_step: save and return after this step (a time-boxed job); re-running the
+      same command resumes. None: run to ``config.steps``.
+  """
+  run = setup(config)
+  cfg = run.config
+  phases = _Phases(run)
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  start = int(run.state.step)
+  bar = metrics_lib.ProgressBar(cfg.steps, initial_step=start)
+  bad_steps, last = 0, {}
+  try:
+    end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
+    for step in range(start, end):
+      prompts = next(run.stream)
+      t0 = time.perf_counter()
+      rollout, info = sample(run, prompts, step)
+      batch = to_batch(rollout, run.mesh)
+      jax.block_until_ready(batch)
+      t1 = time.perf_counter()
+      with jax.set_mesh(run.mesh):
+        teacher = phases.score(phases.teacher_params, batch)
+        jax.block_until_ready(teacher)
+        t2 = time.perf_counter()
+        old_logp = (phases.student_logp(run.state.params, batch) if cfg.train.ppo_epochs > 1
+                    else None)
+        for _ in range(cfg.train.ppo_epochs):
+          run.state, step_metrics = phases.update(run.state, batch, teacher, run.key, old_logp)
+      nnx.update(run.student, run.state.params)
+      step_metrics = jax.device_get({**step_metrics, **rollout_metrics(rollout)})
+      t3 = time.perf_counter()
+      tokens = float(to_host(rollout.token_mask).sum())
+      generated = float(to_host(rollout.lengths).sum())
+      scalars = {k: float(v) for k, v in {**step_metrics, **info}.items()}
+      scalars.update({
+          "time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
+          "throughput/sample_tokens_per_s": generated / max(t1 - t0, 1e-9),
+          "throughput/score_tokens_per_s": tokens / max(t2 - t1, 1e-9),
+          "throughput/train_tokens_per_s": tokens / max(t3 - t2, 1e-9),
+      })
+      if scalars["finite"] < 1:
+        bad_steps += 1
+        scalars["nonfinite_steps"] = bad_steps
+        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row).",
+                    step, bad_steps)
+        if bad_steps >= cfg.train.max_bad_steps:
+          run.writer.write(step + 1, scalars)
+          raise NonFiniteLossError(
+              f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
+              f"{step}); lower train.lr or check the data. Checkpoints up to step "
+              f"{run.checkpointer.manager.latest_step()} are intact.")
+      else:
+        bad_steps = 0
+      run.writer.write(step + 1, scalars)
+      bar.update(step + 1, scalars)
+      last = scalars
+      meta = {"data": run.stream.state(), "step": step + 1, "seed": cfg.seed}
+      run.checkpointer.save(step + 1, dataclasses.asdict(run.state), meta,
+                            force=step + 1 == end or stop["signal"] is not None)
+      if stop["signal"] is not None:
+        log.warning("received signal %s: saved step %d, exiting.", stop["signal"], step + 1)
+        break
+  finally:
+    bar.close()
+    run.checkpointer.close()
+    run.writer.close()
+    signal.signal(signal.SIGTERM, previous)
+  return last
