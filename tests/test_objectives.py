@@ -1,4 +1,4 @@
-"""Objectives against METHOD.md's formulas written in NumPy: values and gradients w.r.t. the logits."""
+"""Objectives against METHOD.md's formulas in NumPy: values and gradients w.r.t. the logits."""
 
 import dataclasses
 import math
@@ -177,10 +177,11 @@ CONFIGS = [
 
 
 def _id(cfg):
+  preset = ObjectiveConfig.preset(cfg.name)
   changed = {
       f.name: getattr(cfg, f.name)
       for f in dataclasses.fields(cfg)
-      if f.name != "name" and getattr(cfg, f.name) != getattr(ObjectiveConfig.preset(cfg.name), f.name)
+      if getattr(cfg, f.name) != getattr(preset, f.name)
   }
   return cfg.name + "".join(f"-{k}={v}" for k, v in changed.items())
 
@@ -258,8 +259,9 @@ def test_micro_batches_aggregate_to_the_full_batch():
 
   def micro(rows):
     def loss(zs_rows):
-      stats = objectives.token_stats(zs_rows, *[a[rows] for a in args[1:3]], K,
-                                     completion_mask_BT=completion[rows], prefix_mask_BT=prefix[rows])
+      stats = objectives.token_stats(
+          zs_rows, args[1][rows], args[2][rows], K,
+          completion_mask_BT=completion[rows], prefix_mask_BT=prefix[rows])
       loss_BT, metrics = objectives.per_token_loss(stats, args[3][rows], cfg)
       return objectives.token_mean(loss_BT, stats.loss_mask, total_tokens), metrics
     return jax.value_and_grad(loss, has_aux=True)(args[0][rows])
@@ -286,7 +288,8 @@ def test_metrics():
   np.testing.assert_allclose(means["outlier_frac"], np.mean(u[completion] >= p_trust), rtol=1e-6)
   np.testing.assert_allclose(means["p_trust"], p_trust.mean(), rtol=1e-5)
   np.testing.assert_allclose(means["neg_k1"], adv.mean(), rtol=1e-5)
-  np.testing.assert_allclose(means["teacher_topk_mass"], np.exp(st["tK"]).sum(-1)[completion].mean(), rtol=1e-5)
+  teacher_topk_mass = np.exp(st["tK"]).sum(-1)[completion].mean()
+  np.testing.assert_allclose(means["teacher_topk_mass"], teacher_topk_mass, rtol=1e-5)
   np.testing.assert_allclose(means["student_entropy"], st["Hs"][completion].mean(), rtol=1e-5)
   np.testing.assert_allclose(means["teacher_entropy"], st["Ht"][completion].mean(), rtol=1e-5)
   terms = sum(value for name, value in means.items() if name.startswith("loss/"))
@@ -313,7 +316,8 @@ def test_trust_noise_is_reproducible_and_independent_of_batch_layout():
   np.testing.assert_array_equal(u, objectives.trust_noise(jax.random.key(0), 3, rows, 10))
   np.testing.assert_array_equal(u[2:4], objectives.trust_noise(key, 3, rows[2:4], 10))
   np.testing.assert_array_equal(u[:, :7], objectives.trust_noise(key, 3, rows, 7))
-  np.testing.assert_array_equal(u, jax.jit(objectives.trust_noise, static_argnums=3)(key, 3, rows, 10))
+  jitted = jax.jit(objectives.trust_noise, static_argnums=3)
+  np.testing.assert_array_equal(u, jitted(key, 3, rows, 10))
   for other in (objectives.trust_noise(key, 4, rows, 10),
                 objectives.trust_noise(jax.random.key(1), 3, rows, 10)):
     assert np.mean(np.asarray(other) == np.asarray(u)) < 0.05

@@ -35,7 +35,8 @@ def test_reference_matches_numpy():
 
   def log_softmax(z):  # over the real vocabulary only
     z = np.asarray(z, np.float64)[..., :VOCAB]
-    return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
   ls, lt = log_softmax(zs), log_softmax(zt)
   ids = np.argsort(-lt, -1, kind="stable")[..., :K]
@@ -64,7 +65,8 @@ def test_padding_rows_of_the_vocabulary_get_no_probability():
   sliced = scoring.score_teacher(th, tw[:VOCAB], tokens, top_k=K, chunk_size=4)
   assert int(padded.topk_ids.max()) < VOCAB
   for name in ("logp", "topk_ids", "topk_logp", "tail_logp", "entropy"):
-    np.testing.assert_allclose(getattr(padded, name), getattr(sliced, name), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(getattr(padded, name), getattr(sliced, name), rtol=1e-6,
+                               err_msg=name)
 
 
 def _loss_weights(seed=1):
@@ -102,8 +104,8 @@ def _assert_same(chunked, reference):
   (want_loss, want_stats), want_grads = reference
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   for name in scoring.TokenStats.__dataclass_fields__:
-    np.testing.assert_allclose(getattr(stats, name), getattr(want_stats, name), rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(getattr(stats, name), getattr(want_stats, name), rtol=1e-5,
+                               atol=1e-6, err_msg=name)
   for grad, want in zip(grads, want_grads):
     # Sharded reductions sum in another order: allow float32 noise relative to the largest entry.
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
@@ -147,3 +149,15 @@ def test_bfloat16_inputs_give_float32_stats():
   for leaf in jax.tree.leaves(stats):
     assert leaf.dtype in (jnp.float32, jnp.int32, jnp.bool_)
     assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_float32_master_matrix_gets_a_float32_gradient():
+  h, w, th, tw, tokens, completion, prefix = make_inputs()
+  chunked = functools.partial(chunked_loss, chunk_size=4)
+  grad_h, grad_w = jax.jit(jax.grad(lambda *a: chunked(*a)[0], argnums=(0, 1)))(
+      h.astype(jnp.bfloat16), w, th, tw, tokens, completion, prefix, _loss_weights())
+  assert grad_h.dtype == jnp.bfloat16 and grad_w.dtype == jnp.float32
+  _, (want_h, want_w) = _reference()
+  for grad, want in ((grad_h, want_h), (grad_w, want_w)):  # bfloat16 matmuls: loose tolerance
+    atol = 0.05 * float(jnp.abs(want).max())
+    np.testing.assert_allclose(grad.astype(jnp.float32), want, atol=atol)

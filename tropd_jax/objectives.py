@@ -5,16 +5,17 @@ Every objective in `OBJECTIVES` is a pure function
     objective(stats, u_BT, cfg, old_logp_BT=None) -> (loss_BT, metrics)
 
 of the `TokenStats` of a batch, the uniform noise of the trust-region draw (`trust_noise`), its
-`ObjectiveConfig` and, when a batch is reused for several updates (`ppo_epochs > 1`), the student's
-log-probs at rollout time. `loss_BT` is zero outside the sampled (completion) tokens; `per_token_loss`
-adds the off-policy guidance term on teacher-prefix tokens. Gradients reach the student only through
-`stats.student_logp`, `stats.student_topk_logp` and `stats.student_tail_logp`.
+`ObjectiveConfig` and, when a batch is reused for several updates (`ppo_epochs > 1`), the
+student's log-probs at rollout time. `loss_BT` is zero outside the sampled (completion) tokens;
+`per_token_loss` adds the off-policy guidance term on teacher-prefix tokens. Gradients reach the
+student only through `stats.student_logp`, `stats.student_topk_logp` and `stats.student_tail_logp`.
 
-Aggregation. The loss is `token_mean(loss_BT, stats.loss_mask, denominator)`: a mean over all response
-tokens. With gradient accumulation over micro-batches pass `denominator` = the response-token count of
-the whole step, so the summed micro-batch gradients equal the full-batch one. Metrics are
-`{name: (sum, count)}` pairs: add them leaf by leaf over micro-batches (`jax.tree.map(jnp.add, a, b)`)
-and divide once with `metric_means`. Under `jit` on a sharded batch the sums are already global.
+Aggregation. The loss is `token_mean(loss_BT, stats.loss_mask, denominator)`: a mean over all
+response tokens. With gradient accumulation over micro-batches pass `denominator` = the
+response-token count of the whole step, so the summed micro-batch gradients equal the full-batch
+one. Metrics are `{name: (sum, count)}` pairs: add them leaf by leaf over micro-batches
+(`jax.tree.map(jnp.add, a, b)`) and divide once with `metric_means`; the means of the `loss/*`
+terms add up to the loss. Under `jit` on a sharded batch the sums are already global.
 
 Shape key:
   B: batch   T: time (positions)   K: teacher top-k
@@ -63,10 +64,11 @@ class ObjectiveConfig:
   Attributes:
     name: a key of `OBJECTIVES`.
     top_k: K, the teacher's top-k support of the forward-KL terms (the paper: 64).
-    region: trust region `M_t`: "bernoulli" (`u_t < min(πT/πθ, 1)`) or "threshold" (`A_t > log_tau`).
-    outlier: loss of tokens outside the region: "mask" (none), "clip" (OPD with `A_t` clipped below at
+    region: the trust region `M_t`: "bernoulli" (`u_t < min(πT/πθ, 1)`) or "threshold"
+      (`A_t > log_tau`).
+    outlier: the loss outside the region: "mask" (none), "clip" (OPD with `A_t` clipped below at
       `log_tau`) or "fkl" (top-k forward KL).
-    log_tau: the threshold of the "threshold" region and of "clip" (not given by the paper; log 0.1).
+    log_tau: threshold of the "threshold" region and of "clip" (not in the paper; log 0.1).
     fkl_support: "topk" (teacher top-k renormalized) or "topk_tail" (top-k plus one tail bucket for
       the mass outside it, unnormalized: a KL over k + 1 outcomes).
     fkl_mode: "loss" (differentiate the forward KL) or "advantage" (the detached `−FKL_t` becomes
@@ -96,9 +98,7 @@ class ObjectiveConfig:
 
   @classmethod
   def preset(cls, name: str, **overrides) -> ObjectiveConfig:
-    """The paper's setting of objective `name` (METHOD.md §6), with `overrides` applied."""
-    if name not in OBJECTIVES:
-      raise ValueError(f"objective name={name!r} is not one of {sorted(OBJECTIVES)}.")
+    """The paper's setting of objective `name` (METHOD.md §6), with `overrides`, validated."""
     return cls(name=name, **{**_PRESETS.get(name, {}), **overrides}).validate()
 
   def validate(self) -> ObjectiveConfig:
@@ -109,26 +109,17 @@ class ObjectiveConfig:
       if getattr(self, field) not in choices:
         raise ValueError(f"objective {field}={getattr(self, field)!r} is not one of {choices}.")
     checks = {
-        "top_k": isinstance(self.top_k, int) and self.top_k >= 1,
-        "log_tau": math.isfinite(self.log_tau) and self.log_tau <= 0,
-        "beta": self.beta >= 0,
-        "jsd_beta": 0 < self.jsd_beta < 1,
-        "entropy_frac": 0 < self.entropy_frac <= 1,
-        "entropy_tau": self.entropy_tau >= 0,
-        "clip_eps": 0 < self.clip_eps < 1,
+        "top_k": (isinstance(self.top_k, int) and self.top_k >= 1, "an integer >= 1"),
+        "log_tau": (math.isfinite(self.log_tau) and self.log_tau <= 0, "finite and <= 0"),
+        "beta": (self.beta >= 0, ">= 0"),
+        "jsd_beta": (0 < self.jsd_beta < 1, "in (0, 1)"),
+        "entropy_frac": (0 < self.entropy_frac <= 1, "in (0, 1]"),
+        "entropy_tau": (self.entropy_tau >= 0, ">= 0"),
+        "clip_eps": (0 < self.clip_eps < 1, "in (0, 1)"),
     }
-    expected = {
-        "top_k": "an integer >= 1",
-        "log_tau": "finite and <= 0 (tau <= 1)",
-        "beta": ">= 0",
-        "jsd_beta": "in (0, 1)",
-        "entropy_frac": "in (0, 1]",
-        "entropy_tau": ">= 0",
-        "clip_eps": "in (0, 1)",
-    }
-    for field, ok in checks.items():
+    for field, (ok, expected) in checks.items():
       if not ok:
-        raise ValueError(f"objective {field}={getattr(self, field)!r} must be {expected[field]}.")
+        raise ValueError(f"objective {field}={getattr(self, field)!r} must be {expected}.")
     return self
 
 
@@ -145,9 +136,9 @@ def trust_noise(
 ) -> jax.Array:
   """Uniform noise `u [B, T]` of the trust-region draw `M_t = [u_t < P_t]`.
 
-  Each value comes from `key` folded with the step, the row's global index and the position, so it is
-  the same however the batch is split over devices or micro-batches and on a resumed run, and changes
-  with the seed and the step.
+  Each value comes from `key` folded with the step, the row's global index and the position, so it
+  is the same however the batch is split over devices or micro-batches and on a resumed run, and
+  changes with the seed and the step.
 
   Args:
     key: the run's trust-region key (raw uint32 or typed).
@@ -175,8 +166,8 @@ def token_mean(
 ) -> jax.Array:
   """Sum of `loss_BT` over `mask_BT` tokens divided by their count, or by `denominator` if given.
 
-  Pass `denominator` (the response-token count of the whole step, all micro-batches and devices) when
-  accumulating gradients so that every token weighs the same.
+  Pass `denominator` (the response-token count of the whole step, all micro-batches and devices)
+  when accumulating gradients so that every token weighs the same.
   """
   total = jnp.sum(jnp.where(mask_BT, loss_BT, 0.0))
   if denominator is None:
@@ -214,7 +205,7 @@ def _policy_gradient(
 
 
 def _forward_kl(stats: TokenStats, support: str) -> jax.Array:
-  """[B, T] top-k forward KL from the teacher's view (§3), differentiable in the student's log-probs."""
+  """[B, T] top-k forward KL from the teacher's view (§3), differentiable in the student's."""
   teacher_BTK = stats.teacher_topk_logp
   student_BTK = stats.student_topk_logp
   if support == "topk":
@@ -225,8 +216,10 @@ def _forward_kl(stats: TokenStats, support: str) -> jax.Array:
   return topk_BT + tail_BT
 
 
-def _fkl_loss(stats: TokenStats, old_logp_BT: jax.Array | None, cfg: ObjectiveConfig) -> jax.Array:
-  """The forward-KL term in `cfg.fkl_mode`: the KL itself, or `−FKL` as the sampled token's advantage."""
+def _fkl_loss(
+    stats: TokenStats, old_logp_BT: jax.Array | None, cfg: ObjectiveConfig
+) -> jax.Array:
+  """The forward-KL term in `cfg.fkl_mode`: the KL, or `−FKL` as the sampled token's advantage."""
   fkl_BT = _forward_kl(stats, cfg.fkl_support)
   if cfg.fkl_mode == "loss":
     return fkl_BT
@@ -246,25 +239,30 @@ def _diagnostics(
   """The metrics every objective logs (METHOD.md §7), over completion tokens."""
   mask_BT = stats.completion_mask
   region_BT = _region(u_BT, adv_BT, cfg)
+  topk_mass = lambda logp_BTK: jnp.sum(jnp.exp(logp_BTK), axis=-1)
   return {
       "trust_frac": _masked_sum(region_BT, mask_BT),
       "outlier_frac": _masked_sum(~region_BT, mask_BT),
       "p_trust": _masked_sum(jnp.exp(jnp.minimum(adv_BT, 0.0)), mask_BT),
       "neg_k1": _masked_sum(adv_BT, mask_BT),
-      "teacher_topk_mass": _masked_sum(jnp.sum(jnp.exp(stats.teacher_topk_logp), axis=-1), mask_BT),
-      "student_topk_mass": _masked_sum(jnp.sum(jnp.exp(stats.student_topk_logp), axis=-1), mask_BT),
+      "teacher_topk_mass": _masked_sum(topk_mass(stats.teacher_topk_logp), mask_BT),
+      "student_topk_mass": _masked_sum(topk_mass(stats.student_topk_logp), mask_BT),
       "teacher_entropy": _masked_sum(stats.teacher_entropy, mask_BT),
       "student_entropy": _masked_sum(stats.student_entropy, mask_BT),
   }
 
 
-def _setup(stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None):
+def _advantage_and_metrics(
+    stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None
+) -> tuple[jax.Array, Metrics]:
   """`A_t = τ_t − s̄_t` (detached) and the shared diagnostics."""
   adv_BT = jax.lax.stop_gradient(stats.teacher_logp - _rollout_logp(stats, old_logp_BT))
   return adv_BT, _diagnostics(stats, u_BT, adv_BT, cfg)
 
 
-def _finish(stats: TokenStats, metrics: Metrics, terms: dict[str, jax.Array]):
+def _finish(
+    stats: TokenStats, metrics: Metrics, terms: dict[str, jax.Array]
+) -> tuple[jax.Array, Metrics]:
   """Sums the completion-token `terms` into `loss_BT`; logs each as a mean over response tokens."""
   loss_BT = jnp.zeros(stats.completion_mask.shape, jnp.float32)
   for name, term_BT in terms.items():
@@ -274,19 +272,23 @@ def _finish(stats: TokenStats, metrics: Metrics, terms: dict[str, jax.Array]):
   return loss_BT, metrics
 
 
-def opd(stats, u_BT, cfg, old_logp_BT=None):
+def opd(
+    stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
   """§1: the K1 policy-gradient loss on every sampled token."""
-  adv_BT, metrics = _setup(stats, u_BT, cfg, old_logp_BT)
+  adv_BT, metrics = _advantage_and_metrics(stats, u_BT, cfg, old_logp_BT)
   return _finish(stats, metrics, {"opd": _policy_gradient(stats, old_logp_BT, adv_BT, cfg)})
 
 
-def trust_region(stats, u_BT, cfg, old_logp_BT=None):
+def trust_region(
+    stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
   """§2–§3, §5: OPD inside the trust region `M_t`, the `cfg.outlier` strategy outside it.
 
   Serves `tropd`, `fkl_outlier`, `clip_outlier` and `mask_outlier`, which differ only in their
   config (`region`, `outlier`, `guidance`).
   """
-  adv_BT, metrics = _setup(stats, u_BT, cfg, old_logp_BT)
+  adv_BT, metrics = _advantage_and_metrics(stats, u_BT, cfg, old_logp_BT)
   region_BT = _region(u_BT, adv_BT, cfg)
   if cfg.outlier == "mask":
     outlier_BT = jnp.zeros(adv_BT.shape, jnp.float32)
@@ -301,20 +303,25 @@ def trust_region(stats, u_BT, cfg, old_logp_BT=None):
   return _finish(stats, metrics, terms)
 
 
-def topk_fkl(stats, u_BT, cfg, old_logp_BT=None):
+def topk_fkl(
+    stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
   """§3 forward KL on every sampled token (the paper's collapsing negative control)."""
-  _, metrics = _setup(stats, u_BT, cfg, old_logp_BT)
+  _, metrics = _advantage_and_metrics(stats, u_BT, cfg, old_logp_BT)
   return _finish(stats, metrics, {"fkl": _fkl_loss(stats, old_logp_BT, cfg)})
 
 
-def jsd(stats, u_BT, cfg, old_logp_BT=None):
+def jsd(
+    stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
   """§6 JSD: `β·Σ_K p̂T log(p̂T/p_M) + (1−β)·(s_t − log p_M(y_t))`, `p_M = β πT + (1−β) πθ`.
 
-  The top-k term is differentiated through the student's top-k log-probs; the sampled-token term, a
-  one-sample estimate of `(1−β)·KL(πθ‖p_M)`, enters as the policy-gradient advantage
-  `−(1−β)(s̄_t − log p̄_M(y_t))` like OPD's (its value is the formula's).
+  The top-k term is differentiated through the student's top-k log-probs; the sampled-token term,
+  a one-sample estimate of `(1−β)·KL(πθ‖p_M)`, enters as the policy-gradient advantage
+  `−(1−β)(s̄_t − log p̄_M(y_t))` like OPD's (its value is the formula's). Inside `p_M` the teacher
+  is `πT` over the full vocabulary; the outer weight is the renormalized `p̂T`, as written.
   """
-  _, metrics = _setup(stats, u_BT, cfg, old_logp_BT)
+  _, metrics = _advantage_and_metrics(stats, u_BT, cfg, old_logp_BT)
   beta = cfg.jsd_beta
   teacher_BTK = stats.teacher_topk_logp
   log_phat_BTK = teacher_BTK - jax.nn.logsumexp(teacher_BTK, axis=-1, keepdims=True)
@@ -330,29 +337,34 @@ def jsd(stats, u_BT, cfg, old_logp_BT=None):
 
 
 def _top_fraction_threshold(x_BT: jax.Array, mask_BT: jax.Array, frac: float) -> jax.Array:
-  """The smallest of the `round(frac·n)` (at least 1) largest masked values of `x_BT`, n = mask count."""
+  """The smallest of the `round(frac·n)` (at least 1) largest masked values, n the mask count."""
   descending = -jnp.sort(jnp.where(mask_BT, -x_BT, jnp.inf).ravel())
   count = jnp.round(frac * jnp.sum(mask_BT)).astype(jnp.int32)
   return descending[jnp.maximum(count, 1) - 1]
 
 
-def entropy_opd(stats, u_BT, cfg, old_logp_BT=None):
+def entropy_opd(
+    stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
   """§6: OPD only on the `cfg.entropy_frac` highest-student-entropy sampled tokens.
 
-  The entropy threshold is taken over the tokens passed in: call it on the whole step's batch (one
-  `jit` over all devices makes it global); per micro-batch it becomes a per-micro-batch threshold.
+  The entropy threshold is taken over the tokens passed in: over the whole step's batch when called
+  on it (one `jit` over all devices makes it global), per micro-batch when called per micro-batch.
   """
-  adv_BT, metrics = _setup(stats, u_BT, cfg, old_logp_BT)
-  threshold = _top_fraction_threshold(stats.student_entropy, stats.completion_mask, cfg.entropy_frac)
-  selected_BT = stats.student_entropy >= threshold
+  adv_BT, metrics = _advantage_and_metrics(stats, u_BT, cfg, old_logp_BT)
+  entropy_BT = stats.student_entropy
+  threshold = _top_fraction_threshold(entropy_BT, stats.completion_mask, cfg.entropy_frac)
+  selected_BT = entropy_BT >= threshold
   metrics["selected_frac"] = _masked_sum(selected_BT, stats.completion_mask)
   opd_BT = jnp.where(selected_BT, _policy_gradient(stats, old_logp_BT, adv_BT, cfg), 0.0)
   return _finish(stats, metrics, {"opd": opd_BT})
 
 
-def eopd(stats, u_BT, cfg, old_logp_BT=None):
-  """§6: OPD everywhere, plus the forward KL where the teacher's entropy exceeds `cfg.entropy_tau`."""
-  adv_BT, metrics = _setup(stats, u_BT, cfg, old_logp_BT)
+def eopd(
+    stats: TokenStats, u_BT: jax.Array, cfg: ObjectiveConfig, old_logp_BT: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
+  """§6: OPD everywhere, plus the forward KL where the teacher entropy exceeds `cfg.entropy_tau`."""
+  adv_BT, metrics = _advantage_and_metrics(stats, u_BT, cfg, old_logp_BT)
   high_BT = stats.teacher_entropy > cfg.entropy_tau
   metrics["fkl_frac"] = _masked_sum(high_BT, stats.completion_mask)
   terms = {
@@ -378,7 +390,10 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def guidance_loss(stats: TokenStats, cfg: ObjectiveConfig) -> jax.Array:
-  """§4: `β·(τ_t − s_t)` on teacher-prefix tokens (gradient `−β∇s_t`, that of `β·KL(πT‖πθ)`), else 0."""
+  """§4: `β·(τ_t − s_t)` on teacher-prefix tokens, else 0.
+
+  Its gradient `−β∇s_t` is that of `β·KL(πT‖πθ)` under the K1 estimator on teacher samples.
+  """
   return jnp.where(stats.prefix_mask, cfg.beta * (stats.teacher_logp - stats.student_logp), 0.0)
 
 
@@ -391,8 +406,8 @@ def per_token_loss(
     stats: `TokenStats` of the batch.
     u_BT: [B, T] uniform noise from `trust_noise` (read by the "bernoulli" region and its metrics).
     cfg: the objective's config.
-    old_logp_BT: [B, T] rollout-time student log-probs from the training model, on updates after the
-      first of a batch (PPO clip); None on the first.
+    old_logp_BT: [B, T] rollout-time student log-probs from the training model, on updates after
+      the first of a batch (PPO clip); None on the first.
 
   Returns:
     loss_BT: [B, T] float32 per-token loss, zero outside `stats.loss_mask`; reduce it with

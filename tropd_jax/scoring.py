@@ -1,15 +1,15 @@
 """Vocabulary projection, chunk by chunk: the teacher's scores and the student's token statistics.
 
 An objective needs, per response position, a handful of numbers from each model's next-token
-distribution (METHOD.md §10). This module computes them from hidden states and the vocabulary matrix
-without ever holding `[B, T, V]` logits: a `lax.scan` over position chunks projects C positions at a
-time and keeps only `[B, T]`- and `[B, T, K]`-sized results. On the student side every chunk is
-rematerialized (`jax.checkpoint`), so the backward pass recomputes a chunk's logits instead of storing
-them; peak memory grows with `C·V`, not `T·V`.
+distribution (METHOD.md §10). This module computes them from hidden states and the vocabulary
+matrix without ever holding `[B, T, V]` logits: a `lax.scan` over position chunks projects C
+positions at a time and keeps only `[B, T]`- and `[B, T, K]`-sized results. On the student side
+every chunk is rematerialized (`jax.checkpoint`), so the backward pass recomputes a chunk's logits
+instead of storing them; peak memory grows with `C·V`, not `T·V`.
 
-Logits are accumulated in float32 whatever the dtype of the inputs. Rows of the vocabulary matrix at or
-beyond `vocab_size` (embedding padding: Qwen2-7B has 152064 rows for a 151936-token tokenizer) get logit
-`-inf`, so the teacher and the student are compared over the tokenizer's real vocabulary.
+Logits are accumulated in float32 whatever the dtype of the inputs. Rows of the vocabulary matrix
+at or beyond `vocab_size` (embedding padding: Qwen2-7B has 152064 rows for a 151936-token
+tokenizer) get logit `-inf`, so teacher and student are compared over the tokenizer's vocabulary.
 
 Shape key:
   B: batch       T: time (positions)   D: model width   V: vocabulary rows
@@ -24,9 +24,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-# Positions projected per scan step. On one TPU v5p chip the chunked loss+grad at D=2048, V=151936
-# keeps ~0.6 GiB of temporaries at C=256 (benchmarks/loss_memory.py); larger chunks grow that
-# linearly and buy no speed on the CPU.
+# Positions per scan step. On one TPU v5p chip the student loss+grad at D=2048, V=151936 (bf16)
+# needs 0.3 GiB of temporaries at C=256, at T=8192 and T=32768 alike; C=128 runs 1.4x slower on
+# the CPU, C>=512 no faster with 2-4x the memory (benchmarks/loss_memory.py).
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -92,7 +92,11 @@ class TokenStats:
 
 
 def project(h_BTD: jax.Array, w_VD: jax.Array, vocab_size: int | None = None) -> jax.Array:
-  """Float32 logits `[B, T, V]`, with `-inf` at rows `>= vocab_size` (default: all rows real)."""
+  """Float32 logits `[B, T, V]`, with `-inf` at rows `>= vocab_size` (default: all rows real).
+
+  The matmul runs in `h_BTD`'s dtype (the compute dtype): `w_VD` may stay in its master dtype.
+  """
+  w_VD = w_VD.astype(h_BTD.dtype)
   logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, w_VD, preferred_element_type=jnp.float32)
   return mask_vocab(logits_BTV, vocab_size)
 
@@ -103,7 +107,7 @@ def mask_vocab(logits_BTV: jax.Array, vocab_size: int | None) -> jax.Array:
   if vocab_size is None or vocab_size == logits_BTV.shape[-1]:
     return logits_BTV
   if not 0 < vocab_size <= logits_BTV.shape[-1]:
-    raise ValueError(f"vocab_size={vocab_size} must be in [1, {logits_BTV.shape[-1]}] (the logit width).")
+    raise ValueError(f"vocab_size={vocab_size} must be in [1, {logits_BTV.shape[-1]}].")
   ids_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, logits_BTV.ndim - 1)
   return jnp.where(ids_BTV < vocab_size, logits_BTV, -jnp.inf)
 
@@ -128,8 +132,12 @@ def _gather(x_BTV: jax.Array, ids_BTK: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_BTV, ids_BTK, axis=-1)
 
 
-def teacher_scores_from_logits(logits_BTV: jax.Array, tokens_BT: jax.Array, top_k: int) -> TeacherScores:
+def teacher_scores_from_logits(
+    logits_BTV: jax.Array, tokens_BT: jax.Array, top_k: int
+) -> TeacherScores:
   """`TeacherScores` from float32 logits (already vocab-masked); any T, no chunking."""
+  if not 0 < top_k < logits_BTV.shape[-1]:
+    raise ValueError(f"top_k={top_k} must be in [1, {logits_BTV.shape[-1]}) (the vocabulary).")
   logits_BTV = jax.lax.stop_gradient(logits_BTV)
   lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   topk_logits_BTK, topk_ids_BTK = jax.lax.top_k(logits_BTV, top_k)
@@ -142,7 +150,7 @@ def teacher_scores_from_logits(logits_BTV: jax.Array, tokens_BT: jax.Array, top_
   )
 
 
-def _student_from_logits(
+def _student_fields(
     logits_BTV: jax.Array, tokens_BT: jax.Array, topk_ids_BTK: jax.Array
 ) -> dict[str, jax.Array]:
   """The student's fields of `TokenStats` from float32 logits (already vocab-masked)."""
@@ -155,7 +163,7 @@ def _student_from_logits(
   )
 
 
-def _token_stats(
+def _join(
     student: dict[str, jax.Array],
     teacher: TeacherScores,
     completion_mask_BT: jax.Array,
@@ -171,6 +179,18 @@ def _token_stats(
       prefix_mask=prefix_mask_BT.astype(bool),
       **student,
   )
+
+
+def student_stats_from_logits(
+    logits_BTV: jax.Array,
+    tokens_BT: jax.Array,
+    teacher: TeacherScores,
+    completion_mask_BT: jax.Array,
+    prefix_mask_BT: jax.Array,
+) -> TokenStats:
+  """`TokenStats` from the student's full float32 logits (already vocab-masked), no chunking."""
+  student = _student_fields(logits_BTV, tokens_BT, teacher.topk_ids)
+  return _join(student, teacher, completion_mask_BT, prefix_mask_BT)
 
 
 def token_stats(
@@ -201,9 +221,12 @@ def token_stats(
     completion_mask_BT = jnp.ones(tokens_BT.shape, bool)
   if prefix_mask_BT is None:
     prefix_mask_BT = jnp.zeros(tokens_BT.shape, bool)
-  teacher = teacher_scores_from_logits(mask_vocab(teacher_logits_BTV, vocab_size), tokens_BT, top_k)
-  student = _student_from_logits(mask_vocab(student_logits_BTV, vocab_size), tokens_BT, teacher.topk_ids)
-  return _token_stats(student, teacher, completion_mask_BT, prefix_mask_BT)
+  teacher_logits_BTV = mask_vocab(teacher_logits_BTV, vocab_size)
+  student_logits_BTV = mask_vocab(student_logits_BTV, vocab_size)
+  teacher = teacher_scores_from_logits(teacher_logits_BTV, tokens_BT, top_k)
+  return student_stats_from_logits(
+      student_logits_BTV, tokens_BT, teacher, completion_mask_BT, prefix_mask_BT
+  )
 
 
 def _scan_chunks(chunk_fn: Callable, inputs, chunk_size: int):
@@ -231,7 +254,8 @@ def _scan_chunks(chunk_fn: Callable, inputs, chunk_size: int):
     y_BNC = jnp.moveaxis(y_NBC, 0, 1)
     return y_BNC.reshape(B, N * C, *y_BNC.shape[3:])[:, :T]
 
-  _, outputs = jax.lax.scan(lambda _, xs: (None, chunk_fn(xs)), None, jax.tree.map(to_chunks, inputs))
+  chunks = jax.tree.map(to_chunks, inputs)
+  _, outputs = jax.lax.scan(lambda _, chunk: (None, chunk_fn(chunk)), None, chunks)
   return jax.tree.map(from_chunks, outputs)
 
 
@@ -281,12 +305,13 @@ def student_token_stats(
 
   Gradients flow to `h_BTD` and `w_VD` through `student_logp`, `student_topk_logp` and
   `student_tail_logp`. The backward pass recomputes each chunk's `[B, C, V]` logits. The gradient
-  of `w_VD` is accumulated over chunks in `w_VD`'s dtype (pass float32 master weights for float32
-  accumulation).
+  of `w_VD` is summed over chunks in `w_VD`'s dtype: pass the float32 master matrix (the matmul
+  still runs in `h_BTD`'s dtype) to sum in float32, at the cost of one compute-dtype copy of it
+  among the temporaries; a bfloat16 `w_VD` sums in bfloat16.
 
   Args:
     h_BTD: [B, T, D] the student's hidden states after the final norm.
-    w_VD: [V, D] the student's vocabulary matrix.
+    w_VD: [V, D] the student's vocabulary matrix (master or compute dtype).
     tokens_BT: [B, T] int target ids aligned with `h_BTD`.
     teacher: `TeacherScores` for the same tokens (from `score_teacher`).
     completion_mask_BT: [B, T] bool sampled-token mask.
@@ -301,7 +326,7 @@ def student_token_stats(
   @jax.checkpoint
   def chunk_stats(xs):
     h_BCD, tokens_BC, topk_ids_BCK = xs
-    return _student_from_logits(project(h_BCD, w_VD, vocab_size), tokens_BC, topk_ids_BCK)
+    return _student_fields(project(h_BCD, w_VD, vocab_size), tokens_BC, topk_ids_BCK)
 
   student = _scan_chunks(chunk_stats, (h_BTD, tokens_BT, teacher.topk_ids), chunk_size)
-  return _token_stats(student, teacher, completion_mask_BT, prefix_mask_BT)
+  return _join(student, teacher, completion_mask_BT, prefix_mask_BT)
