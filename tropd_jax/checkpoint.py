@@ -38,6 +38,16 @@ class Checkpointer:
         force=force,
     )
 
+  def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict, dict]:
+    """``(state, meta)`` of the checkpoint at ``step``; arrays take ``abstract_state``'s shardings."""
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["meta"]
+
   def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[int, dict, dict] | None:
     """``(step, state, meta)`` of the newest readable checkpoint, or None if there is none.
 
@@ -48,18 +58,13 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       try:
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
+        state, meta = self.restore(step, abstract_state)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
         older = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "starting fresh"
         log.warning("checkpoint at step %d in %s is unreadable (%s: %s); %s.", step,
                     self.directory, type(e).__name__, str(e).splitlines()[0][:200], older)
         continue
-      return step, restored["state"], restored["meta"]
+      return step, state, meta
     return None
 
   def wait(self) -> None:

@@ -129,6 +129,20 @@ _NON_NEGATIVE = (
 _REQUIRED = ("workdir", "student.path", "teacher.path", "data.train_path")
 
 
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``get_config(variant)`` of a config file given as ``path.py[:variant]``."""
+  import importlib.util
+  import os
+
+  path, _, variant = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist.")
+  module_spec = importlib.util.spec_from_file_location("tropd_run_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
 def _get(config, dotted: str):
   for part in dotted.split("."):
     config = config[part]

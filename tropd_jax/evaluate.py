@@ -190,18 +190,37 @@ def main(argv: Sequence[str] | None = None) -> None:
   summary table. The config-driven evaluation of a training run is wired by the trainer.
   """
   parser = argparse.ArgumentParser(prog="python -m tropd_jax.evaluate", description=main.__doc__)
-  parser.add_argument("--checkpoint", required=True, help="HF checkpoint: directory, gs:// or hub id")
-  parser.add_argument("--data", required=True, nargs="+", help="JSONL problem files")
-  parser.add_argument("--k", type=int, default=16, help="samples per problem")
-  parser.add_argument("--max_new_tokens", type=int, default=8096)
-  parser.add_argument("--temperature", type=float, default=0.6)
-  parser.add_argument("--out", required=True, help="output directory (local or gs://)")
+  parser.add_argument("--config", help="a run's config file (path.py[:variant]): its student "
+                      "checkpoint, eval.path, eval.k, eval.max_new_tokens and eval.temperature "
+                      "are the defaults of the flags below")
+  parser.add_argument("--checkpoint", help="HF checkpoint: directory, gs:// or hub id")
+  parser.add_argument("--data", nargs="+", help="JSONL problem files")
+  parser.add_argument("--k", type=int, help="samples per problem (default 16)")
+  parser.add_argument("--max_new_tokens", type=int, help="default 8096")
+  parser.add_argument("--temperature", type=float, help="default 0.6")
+  parser.add_argument("--out", help="output directory (local or gs://); default <workdir>/eval")
   parser.add_argument("--problem_key", default="problem")
   parser.add_argument("--answer_key", default="answer")
   parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--dtype", default="bfloat16", help="parameter dtype")
   args = parser.parse_args(argv)
+  if args.config:
+    from tropd_jax.config import load_config_file
+
+    cfg = load_config_file(args.config)
+    args.checkpoint = args.checkpoint or cfg.student.path
+    args.data = args.data or ([cfg.eval.path] if cfg.eval.path else None)
+    args.k = args.k or cfg.eval.k
+    args.max_new_tokens = args.max_new_tokens or cfg.eval.max_new_tokens
+    args.temperature = cfg.eval.temperature if args.temperature is None else args.temperature
+    args.out = args.out or f"{cfg.workdir}/eval"
+    args.limit = args.limit or cfg.eval.limit or None
+  args.k, args.max_new_tokens = args.k or 16, args.max_new_tokens or 8096
+  args.temperature = 0.6 if args.temperature is None else args.temperature
+  for name in ("checkpoint", "data", "out"):
+    if not getattr(args, name):
+      parser.error(f"--{name} is required (or give --config with it set)")
 
   # Imported here: the sampler and the model stack are only needed to run, not to grade.
   from tropd_jax import mesh as mesh_lib
@@ -210,13 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   mesh = mesh_lib.make_mesh()
   model = models.from_pretrained(args.checkpoint, dtype=args.dtype, mesh=mesh)
   tokenizer = models.load_tokenizer(args.checkpoint)
-
-  def generate_fn(prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
-    return sampler.generate(
-        model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
-        stop_ids=tokenizer.stop_ids, seed=seed, mesh=mesh,
-    ).completion_ids
-
+  generate_fn = sampler_generate_fn(model, tokenizer, mesh, args.max_new_tokens, args.temperature)
   out = args.out.rstrip("/")
   results = {}
   for path in args.data:
@@ -227,6 +240,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   with fsspec.open(f"{out}/results.json", "wt") as f:
     json.dump(results, f, indent=2)
   print(format_summary_table(results))
+
+
+def sampler_generate_fn(model, tokenizer, mesh, max_new_tokens: int, temperature: float,
+                        micro_batch_size: int = 0) -> GenerateFn:
+  """A ``GenerateFn`` over ``tropd_jax.sampler.generate`` for ``model``."""
+  from tropd_jax import sampler
+
+  def generate_fn(prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
+    return sampler.generate(
+        model, prompt_ids, max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
+        stop_ids=tokenizer.stop_ids, seed=seed, mesh=mesh, micro_batch_size=micro_batch_size,
+    ).completion_ids
+
+  return generate_fn
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from flax import nnx
 from tropd_jax import checkpoint as ckpt_lib
 from tropd_jax import config as config_lib
 from tropd_jax import data as data_lib
+from tropd_jax import evaluate as evaluate_lib
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import metrics as metrics_lib
 from tropd_jax import models
@@ -69,6 +70,9 @@ def to_host(x) -> np.ndarray:
 def setup(config: ml_collections.ConfigDict) -> Run:
   """Validates the config, loads models and data, restores the latest checkpoint."""
   config_lib.validate(config)
+  from tropd_jax.export import save_run_config
+
+  save_run_config(config)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**config.mesh))
   t_tok = models.load_tokenizer(config.teacher.path)
   s_tok = models.load_tokenizer(config.student.path)
@@ -198,6 +202,28 @@ def rollout_metrics(rollout: Rollout) -> dict:
   }
 
 
+def evaluate_student(run: Run, step: int) -> dict:
+  """``evaluate``'s avg@k / pass@k result for the current student on ``eval.path``."""
+  cfg = run.config
+  problems = evaluate_lib.load_problems(cfg.eval.path, cfg.data.prompt_key, cfg.data.answer_key,
+                                        cfg.eval.limit or None)
+  model = _compute_model(run.student, cfg.student.compute_dtype)
+  generate_fn = evaluate_lib.sampler_generate_fn(
+      model, run.tokenizer, run.mesh, cfg.eval.max_new_tokens, cfg.eval.temperature,
+      micro_batch_size=min(cfg.rollout.micro_batch, len(problems)))
+  result = evaluate_lib.evaluate(generate_fn, run.tokenizer, problems, k=cfg.eval.k,
+                                 out_jsonl=f"{cfg.workdir}/eval/step_{step}.samples.jsonl",
+                                 seed=cfg.seed)
+  log.info("step %d eval: avg@%d %.4f, pass@%d %.4f", step, cfg.eval.k, result["avg@k"],
+           cfg.eval.k, result["pass@k"])
+  return result
+
+
+def _eval_scalars(result: dict) -> dict[str, float]:
+  return {"eval/avg@k": result["avg@k"], "eval/pass@k": result["pass@k"],
+          "eval/response_tokens": result["mean_response_tokens"]}
+
+
 class _Phases:
   """Jitted scoring and update functions, built once per run."""
 
@@ -222,6 +248,9 @@ class _Phases:
 def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) a distillation; returns the last step's metrics.
 
+  With ``eval.path`` set, the student is evaluated before the first step, every
+  ``eval.every`` steps and after the last; the before/after table is printed.
+
   Args:
     config: the run's config (validated here).
     stop_at_step: save and return after this step (a time-boxed job); re-running the
@@ -235,6 +264,10 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   start = int(run.state.step)
   bar = metrics_lib.ProgressBar(cfg.steps, initial_step=start)
   bad_steps, last = 0, {}
+  evals = {}
+  if start == 0 and cfg.eval.path:
+    evals[0] = evaluate_student(run, 0)
+    run.writer.write(0, _eval_scalars(evals[0]))
   try:
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
     for step in range(start, end):
@@ -277,6 +310,10 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
               f"{run.checkpointer.manager.latest_step()} are intact.")
       else:
         bad_steps = 0
+      if cfg.eval.path and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
+                            or step + 1 == cfg.steps):
+        evals[step + 1] = evaluate_student(run, step + 1)
+        scalars.update(_eval_scalars(evals[step + 1]))
       run.writer.write(step + 1, scalars)
       bar.update(step + 1, scalars)
       last = scalars
@@ -286,6 +323,8 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
       if stop["signal"] is not None:
         log.warning("received signal %s: saved step %d, exiting.", stop["signal"], step + 1)
         break
+    if len(evals) > 1:
+      print(evaluate_lib.format_summary_table({f"step {s}": e for s, e in evals.items()}))
   finally:
     bar.close()
     run.checkpointer.close()
