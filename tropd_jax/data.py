@@ -129,6 +129,7 @@ class PromptStream:
           f"rollout.prompts_per_step={prompts_per_step} does not divide over {count} processes."
       )
     self.prompts = prompts
+    self._positions = {p.index: i for i, p in enumerate(prompts)}
     ds = grain.MapDataset.range(len(prompts))
     if shuffle:
       ds = ds.shuffle(seed=seed)
@@ -141,6 +142,10 @@ class PromptStream:
 
   def __next__(self) -> list[Prompt]:
     return [self.prompts[int(i)] for i in np.asarray(next(self._iter))]
+
+  def position(self, prompt: Prompt) -> int:
+    """Where ``prompt`` sits in ``self.prompts`` (the same on every process)."""
+    return self._positions[prompt.index]
 
   def state(self) -> dict:
     return self._iter.get_state()

@@ -67,6 +67,17 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def global_batch(stream: data_lib.PromptStream) -> list[data_lib.Prompt]:
+  """The step's prompts from every process, in process order (each reads its own shard)."""
+  local = next(stream)
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+
+  positions = multihost_utils.process_allgather(np.asarray([stream.position(p) for p in local]))
+  return [stream.prompts[int(i)] for i in np.asarray(positions).reshape(-1)]
+
+
 def setup(config: ml_collections.ConfigDict) -> Run:
   """Validates the config, loads models and data, restores the latest checkpoint."""
   config_lib.validate(config)
@@ -271,7 +282,7 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   try:
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
     for step in range(start, end):
-      prompts = next(run.stream)
+      prompts = global_batch(run.stream)
       t0 = time.perf_counter()
       rollout, info = sample(run, prompts, step)
       batch = to_batch(rollout, run.mesh)
