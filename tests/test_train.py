@@ -210,3 +210,49 @@ def test_two_processes_match_one(checkpoints, tmp_path):
   # those float32 rounding differences into the parameters at the 1e-5 level.
   for x, y in zip(_params(train.setup(single).student), _params(train.setup(multi).student)):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-4)
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  import time
+
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    if os.path.exists(path):
+      with open(path) as f:
+        if sum(1 for line in f if line.strip()) >= step:
+          return
+    time.sleep(0.2)
+  raise TimeoutError(f"no step {step} in {path}")
+
+
+def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
+  import signal
+  import subprocess
+
+  from tropd_jax import checkpoint as ckpt_lib
+
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  work = tmp_path / "run"
+  cmd = _main_command(checkpoints, work, "--config.steps=1000", "--config.checkpoint.every=1000")
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  _wait_for_step(work, 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "received signal" in out
+  saved = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).manager.latest_step()
+  assert saved == metrics_lib.read_metrics(str(work))[-1]["step"] >= 2
+
+  cmd = _main_command(checkpoints, work, "--config.steps=1000", "--config.checkpoint.every=1")
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  _wait_for_step(work, saved + 2, proc)
+  proc.kill()
+  proc.communicate()
+  last = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).manager.latest_step()
+  assert last > saved
+  run = train.setup(tiny_config(checkpoints, work, steps=1000))
+  assert int(run.state.step) == last
