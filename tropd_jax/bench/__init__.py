@@ -1,0 +1,1 @@
+"""Benchmarks (scripts, not tests): ``python -m tropd_jax.bench.<name>``."""
