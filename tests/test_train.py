@@ -60,7 +60,7 @@ def test_loop_runs_every_objective(checkpoints, tmp_path, objective):
   assert np.isfinite(last["loss"]) and last["finite"] == 1
   records = metrics_lib.read_metrics(str(tmp_path / "run"))
   assert [r["step"] for r in records] == [1, 2]
-  for field in ("loss", "grad_norm", "rollout/response_length", "throughput/sample_tokens_per_s"):
+  for field in ("loss", "grad_norm", "rollout/response_length", "tokens_per_s/sample", "rollout/logp_mismatch"):
     assert field in records[-1], field
   if objective in ("tropd", "fkl_outlier"):
     assert 0 <= records[-1]["trust_frac"] <= 1

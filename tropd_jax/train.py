@@ -31,6 +31,11 @@ from tropd_jax.sampler import Rollout, Sampler, SamplerConfig, concat_rollouts
 log = logging.getLogger(__name__)
 
 
+PLOT_FILE = "metrics.png"
+PLOT_KEYS = ("eval/avg@k", "trust_frac", "grad_norm")
+"""What the end-of-run plot ``<workdir>/metrics.png`` shows over steps (those that were logged)."""
+
+
 class NonFiniteLossError(RuntimeError):
   pass
 
@@ -200,7 +205,7 @@ def to_batch(rollout: Rollout, mesh) -> ts.Batch:
   rows = s.inputs.shape[0]
   batch = ts.Batch(inputs=s.inputs, targets=s.targets, input_mask=s.input_mask,
                    completion_mask=s.completion_mask, prefix_mask=s.prefix_mask,
-                   row_ids=jnp.arange(rows, dtype=jnp.int32))
+                   row_ids=jnp.arange(rows, dtype=jnp.int32), sampler_logp=s.sampler_logp)
   return jax.device_put(batch, ts.batch_shardings(batch, mesh))
 
 
@@ -304,9 +309,9 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
       scalars = {k: float(v) for k, v in {**step_metrics, **info}.items()}
       scalars.update({
           "time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
-          "throughput/sample_tokens_per_s": generated / max(t1 - t0, 1e-9),
-          "throughput/score_tokens_per_s": tokens / max(t2 - t1, 1e-9),
-          "throughput/train_tokens_per_s": tokens / max(t3 - t2, 1e-9),
+          "tokens_per_s/sample": generated / max(t1 - t0, 1e-9),
+          "tokens_per_s/score": tokens / max(t2 - t1, 1e-9),
+          "tokens_per_s/train": tokens / max(t3 - t2, 1e-9),
       })
       if scalars["finite"] < 1:
         bad_steps += 1
@@ -336,6 +341,10 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
         break
     if len(evals) > 1:
       print(evaluate_lib.format_summary_table({f"step {s}": e for s, e in evals.items()}))
+    if jax.process_index() == 0:
+      plot = f"{cfg.workdir}/{PLOT_FILE}"
+      metrics_lib.plot_metrics(cfg.workdir, PLOT_KEYS, plot)
+      log.info("wrote %s", plot)
   finally:
     bar.close()
     run.checkpointer.close()

@@ -37,6 +37,8 @@ class Batch:
     completion_mask: [R, L] bool targets the student sampled.
     prefix_mask: [R, L] bool targets from a teacher prefix (off-policy guidance).
     row_ids: [R] int32 global row index (keys the trust-region noise).
+    sampler_logp: [R, L] float32 the sampler's log-prob of each sampled target (0 elsewhere);
+      compared with the training forward pass to log the rollout/train mismatch.
   """
 
   inputs: jax.Array
@@ -45,6 +47,7 @@ class Batch:
   completion_mask: jax.Array
   prefix_mask: jax.Array
   row_ids: jax.Array
+  sampler_logp: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -146,6 +149,9 @@ def make_train_step(graphdef, tx, obj_cfg: ObjectiveConfig, *, chunk_size: int, 
         h_BLD, w_VD, mb.targets, teacher, mb.completion_mask, mb.prefix_mask,
         chunk_size=chunk_size, vocab_size=vocab_size)
     loss_BL, metrics = objectives.per_token_loss(stats, u_BL, obj_cfg, old_logp_BL)
+    gap_BL = jnp.abs(mb.sampler_logp - jax.lax.stop_gradient(stats.student_logp))
+    metrics["rollout/logp_mismatch"] = (jnp.sum(jnp.where(mb.completion_mask, gap_BL, 0.0)),
+                                        jnp.sum(mb.completion_mask, dtype=jnp.int32))
     return objectives.token_mean(loss_BL, stats.loss_mask, denominator), metrics
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
