@@ -149,7 +149,8 @@ def test_prefix_rows_layout_and_masks(jax_models):
   rng = np.random.RandomState(4)
   prompts = ragged_prompts(rng, [3, 6, 4])
   prefixes = ragged_prompts(rng, [2, 0, 5])
-  config = sampler.SamplerConfig(max_new_tokens=5, temperature=0.0, length_buckets=(4, 16))
+  config = sampler.SamplerConfig(
+      max_new_tokens=5, temperature=0.0, length_buckets=(4, 16), prefill_chunk=4)
   s = sampler.Sampler(model, config)
   rollout = s.rollout(prompts, prefixes, n=2)
   assert rollout.tokens.shape == (6, 16 + 5) and s.stats.context_lengths == (16,)
@@ -226,3 +227,4 @@ def test_config_validation_names_the_field():
     sampler.SamplerConfig(micro_batch_size=3).rows_per_micro_batch(8, 2)
   assert sampler.SamplerConfig(stop_ids=[2, 3]).stop_ids == (2, 3)
   assert sampler.SamplerConfig(length_buckets=(4, 8)).bucket(9) == 16
+  assert sampler.SamplerConfig(length_buckets=(4, 12), prefill_chunk=8).bucket(9) == 16

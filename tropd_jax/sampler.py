@@ -102,6 +102,8 @@ class Sampler:
     contexts, prompt_lens = _contexts(prompt_ids, prefix_ids)
     if n < 1:
       raise ValueError(f"n={n}: samples per prompt must be >= 1.")
+    if not 0 <= seed < 2**31 or not 0 <= row_offset < 2**31 - len(contexts) * n:
+      raise ValueError(f"seed={seed}, row_offset={row_offset}: both must fit in [0, 2**31).")
     num_rows = len(contexts) * n
     per_mb = cfg.rows_per_micro_batch(num_rows, n) // n
     dtype = cfg.cache_dtype or self.model.cfg.dtype

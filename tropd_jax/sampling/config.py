@@ -21,6 +21,9 @@ class SamplerConfig:
     length_buckets: the context (prompt + prefix) of each micro-batch is left-padded to the
       smallest bucket that holds its longest context, so prefill compiles once per bucket used.
       Longer contexts are padded to a multiple of the largest bucket.
+    prefill_chunk: contexts are prefilled this many positions at a time (a ``lax.scan``), so
+      prefill attention holds ``[C, heads, prefill_chunk, S]`` scores instead of ``[C, heads, P, S]``;
+      contexts longer than it are padded to a multiple of it. 0: the whole context at once.
     micro_batch_size: rows decoded together (bounds KV-cache memory); a multiple of the
       samples per prompt ``n``. 0: all rows at once.
     pad_id: the token written at padding slots of ``Rollout.tokens``.
@@ -35,6 +38,7 @@ class SamplerConfig:
   top_k: int = 0
   stop_ids: tuple[int, ...] = ()
   length_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+  prefill_chunk: int = 512
   micro_batch_size: int = 0
   pad_id: int = 0
   vocab_size: int | None = None
@@ -48,6 +52,7 @@ class SamplerConfig:
     _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0: greedy)")
     _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
     _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0: off)")
+    _check(self.prefill_chunk >= 0, "prefill_chunk", self.prefill_chunk, "must be >= 0 (0: off)")
     _check(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size,
            "must be >= 0 (0: all rows at once)")
     buckets = self.length_buckets
@@ -68,11 +73,10 @@ class SamplerConfig:
 
   def bucket(self, length: int) -> int:
     """The padded context length for a longest context of ``length`` tokens."""
-    for b in self.length_buckets:
-      if length <= b:
-        return b
     top = self.length_buckets[-1]
-    return -(-length // top) * top
+    padded = next((b for b in self.length_buckets if length <= b), -(-length // top) * top)
+    chunk = self.prefill_chunk
+    return -(-padded // chunk) * chunk if 0 < chunk < padded else padded
 
   def rows_per_micro_batch(self, num_rows: int, n: int) -> int:
     """Rows decoded together for ``num_rows`` rows of ``n`` samples per context."""

@@ -1,8 +1,8 @@
 """Prefill and the decode loop, jitted as pure functions of the model state.
 
 Shape key: C contexts (distinct prompt + prefix), n samples per context, B = C·n rows,
-P context length (a bucket), N max_new_tokens, S = P + N - 1 cache slots, L = P + N,
-V vocabulary rows.
+P context length (a bucket), T prefill chunk, J = P / T chunks, N max_new_tokens,
+S = P + N - 1 cache slots, L = P + N, D d_model, V vocabulary rows.
 
 ``prefill`` runs each context once, replicates its KV-cache rows ``n`` times and draws every
 row's first token; ``decode`` runs a ``lax.while_loop`` over fixed ``[B, N]`` buffers (stopping
@@ -121,14 +121,26 @@ def prefill(graphdef, state, tokens_CP, mask_CP, seed, row_ids_B, *, config: Sam
   model = nnx.merge(graphdef, state)
   c, p = tokens_CP.shape
   cache = model.init_cache(c, cache_len(config, p), config.cache_dtype)
-  h_CPD, cache = model.hidden(tokens_CP, mask_BT=mask_CP, cache=cache)
+  chunk = config.prefill_chunk if 0 < config.prefill_chunk < p else p
+  if chunk == p:
+    h_CPD, cache = model.hidden(tokens_CP, mask_BT=mask_CP, cache=cache)
+    h_CD = h_CPD[:, -1]
+  else:
+    # P is a multiple of the chunk (SamplerConfig.bucket); each chunk attends to the cache so far.
+    def prefill_chunk(cache, xs):
+      h_CTD, cache = model.hidden(xs[0], mask_BT=xs[1], cache=cache)
+      return cache, h_CTD[:, -1]
+
+    by_chunk = lambda x: jnp.swapaxes(x.reshape(c, p // chunk, chunk), 0, 1)
+    cache, h_JCD = jax.lax.scan(prefill_chunk, cache, (by_chunk(tokens_CP), by_chunk(mask_CP)))
+    h_CD = h_JCD[-1]
   cache = KVCache(
       k=tuple(_repeat_rows(k, n, _KV_AXES) for k in cache.k),
       v=tuple(_repeat_rows(v, n, _KV_AXES) for v in cache.v),
       mask_BS=_repeat_rows(cache.mask_BS, n, _ROW_AXES),
       index=cache.index,
   )
-  h_B1D = _repeat_rows(h_CPD[:, -1:], n, ("batch", "length", "embed"))
+  h_B1D = _repeat_rows(h_CD[:, None], n, ("batch", "length", "embed"))
   row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids_B)
   first_B, first_logp_B = sample_tokens(model.logits(h_B1D)[:, 0], _step_keys(row_keys_B, 0), config)
   return cache, first_B, first_logp_B, row_keys_B
