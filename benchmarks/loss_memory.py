@@ -10,9 +10,8 @@ Prints markdown tables of
      at B=1, D=2048, V=151936 (the Qwen3-1.7B head, bf16), T=8192 and T=32768, chunked against full
      logits, compiled for one TPU v5p chip (`jax.experimental.topologies`) and for this CPU; also
      the chunked loss with a float32 master vocabulary matrix (its gradient summed in float32);
-  2. the chunked loss+grad's TPU temporaries and CPU time for a range of chunk sizes;
-  3. CPU time per call of the chunked loss+grad against the full-logits one at B=1, T=1024, D=256,
-     V=32000 (float32).
+  2. for a range of chunk sizes and for full logits, the student loss+grad's TPU temporaries at
+     T=32768 and its CPU time per call at B=1, T=1024, D=256, V=32000 (float32).
 """
 
 from __future__ import annotations
@@ -80,15 +79,20 @@ def memory(fn, args) -> str | tuple[float, float, float]:
           stats.output_size_in_bytes / GiB)
 
 
-def time_per_call(fn, args, repeats=5) -> float:
-  """Best wall time (s) over `repeats` calls (after a warm-up) on a shared machine."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def best_times(fns: dict, args, repeats=10) -> dict[str, float]:
+  """Best wall time (s) per call of each of `fns` over `repeats` rounds, after a warm-up.
+
+  The calls are interleaved so that every function sees the same load on a shared machine.
+  """
+  for fn in fns.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
+  best = dict.fromkeys(fns, float("inf"))
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      best[name] = min(best[name], time.perf_counter() - start)
+  return best
 
 
 def tpu_sharding():
@@ -135,29 +139,25 @@ def concrete_inputs(T, D, V, seed=0):
   return h, w, tokens, teacher, ones, ~ones, jax.random.uniform(keys[5], (1, T))
 
 
-def sweep_table(chunk_sizes, tpu, T, D, V, cpu_shape):
-  print(f"## Chunk size: TPU v5p temp (student loss+grad, T={T}) and CPU time "
-        f"(B=1, T={cpu_shape[0]}, D={cpu_shape[1]}, V={cpu_shape[2]}, f32)\n")
-  print("| C | TPU temp GiB | CPU ms |")
-  print("| --- | --- | --- |")
+def speed_table(chunk_size, chunk_sizes, tpu, T, D, V, cpu_shape):
+  """Student loss+grad: TPU temporaries at length T and CPU time at `cpu_shape`, per chunk size."""
+  cpu_T, cpu_D, cpu_V = cpu_shape
+  print(f"## Student loss+grad per chunk size: TPU v5p temp (T={T}, D={D}, V={V}, bf16) and CPU "
+        f"time per call (B=1, T={cpu_T}, D={cpu_D}, V={cpu_V}, f32; best of 10, interleaved)\n")
+  print("| path | TPU temp GiB | CPU ms | CPU vs full |")
+  print("| --- | --- | --- | --- |")
   (h, w, tokens), rest = abstract_inputs(T, D, V, jnp.bfloat16, tpu)
-  args = concrete_inputs(*cpu_shape)
-  for C in chunk_sizes:
+  sizes = {f"chunked C={C}" + (" (default)" if C == chunk_size else ""): C
+           for C in sorted({*chunk_sizes, chunk_size})}
+  sizes["full logits"] = None
+  times = best_times({name: loss_and_grad(C) for name, C in sizes.items()},
+                     concrete_inputs(*cpu_shape))
+  for name, C in sizes.items():
     result = memory(loss_and_grad(C), (h, w, tokens, *rest)) if tpu else "n/a"
     temp = result if isinstance(result, str) else f"{result[0]:.3f}"
-    print(f"| {C} | {temp} | {1e3 * time_per_call(loss_and_grad(C), args):.1f} |", flush=True)
+    ratio = times[name] / times["full logits"]
+    print(f"| {name} | {temp} | {1e3 * times[name]:.1f} | {ratio:.2f}x |", flush=True)
   print()
-
-
-def speed_table(chunk_size, T, D, V):
-  print(f"## CPU time per call, student loss+grad, B=1, T={T}, D={D}, V={V}, f32\n")
-  args = concrete_inputs(T, D, V)
-  full = time_per_call(loss_and_grad(None), args)
-  chunked = time_per_call(loss_and_grad(chunk_size), args)
-  print("| path | ms | vs full |")
-  print("| --- | --- | --- |")
-  print(f"| full logits | {1e3 * full:.1f} | 1.00x |")
-  print(f"| chunked C={chunk_size} | {1e3 * chunked:.1f} | {chunked / full:.2f}x |\n")
 
 
 def main(argv=None):
@@ -179,8 +179,8 @@ def main(argv=None):
   platforms["cpu"] = None
   lengths = [int(x) for x in args.lengths.split(",")]
   memory_table(platforms, lengths, args.chunk_size, D, V)
-  sweep_table([int(x) for x in args.sweep.split(",")], tpu, lengths[-1], D, V, cpu_shape)
-  speed_table(args.chunk_size, *cpu_shape)
+  sweep = [int(x) for x in args.sweep.split(",")]
+  speed_table(args.chunk_size, sweep, tpu, lengths[-1], D, V, cpu_shape)
 
 
 if __name__ == "__main__":
