@@ -102,40 +102,39 @@ class Sampler:
     contexts, prompt_lens = _contexts(prompt_ids, prefix_ids)
     if n < 1:
       raise ValueError(f"n={n}: samples per prompt must be >= 1.")
-    if not 0 <= seed < 2**31 or not 0 <= row_offset < 2**31 - len(contexts) * n:
-      raise ValueError(f"seed={seed}, row_offset={row_offset}: both must fit in [0, 2**31).")
     num_rows = len(contexts) * n
+    if not 0 <= seed < 2**31 or not 0 <= row_offset <= 2**31 - num_rows:
+      raise ValueError(f"seed={seed}, row_offset={row_offset}: both must fit in [0, 2**31).")
     per_mb = cfg.rows_per_micro_batch(num_rows, n) // n
-    dtype = cfg.cache_dtype or self.model.cfg.dtype
+    cache_dtype = cfg.cache_dtype or self.model.cfg.dtype
     state = nnx.state(self.model)
+    put = lambda x: mesh_lib.put(x, ("batch", "length")[: np.ndim(x)], self.mesh)
     outs, lengths, cache_bytes = [], [], 0
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       for start in range(0, len(contexts), per_mb):
-        chunk = list(range(start, min(start + per_mb, len(contexts))))
-        real = len(chunk)
-        chunk += [chunk[-1]] * (per_mb - real)  # fixed shapes: pad with copies, dropped below
-        p = cfg.bucket(max(len(contexts[i]) for i in chunk))
-        tokens, prompt_mask, prefix_mask = _pack([contexts[i] for i in chunk],
-                                                 [prompt_lens[i] for i in chunk], p, cfg.pad_id)
-        row_ids = (row_offset + np.asarray(chunk, np.int32)[:, None] * n
-                   + np.arange(n, dtype=np.int32)[None]).reshape(-1)
-        put = lambda x: mesh_lib.put(x, ("batch", "length")[: x.ndim], self.mesh)
-        tokens, prompt_mask, prefix_mask, row_ids = map(
-            put, (tokens, prompt_mask, prefix_mask, row_ids))
+        ids = list(range(start, min(start + per_mb, len(contexts))))
+        real_rows = len(ids) * n
+        ids += [ids[-1]] * (per_mb - len(ids))  # fixed shapes: copies, dropped below
+        p = cfg.bucket(max(len(contexts[i]) for i in ids))
+        tokens, prompt_mask, prefix_mask = map(put, _pack(
+            [contexts[i] for i in ids], [prompt_lens[i] for i in ids], p, cfg.pad_id))
+        row_ids = put((row_offset + np.asarray(ids, np.int32)[:, None] * n
+                       + np.arange(n, dtype=np.int32)[None]).reshape(-1))
         cache, first, first_logp, keys = prefill(
             self.graphdef, state, tokens, prompt_mask | prefix_mask, np.int32(seed), row_ids,
             config=cfg, n=n)
-        out, _ = decode(self.graphdef, state, cache, first, first_logp, keys, tokens, prompt_mask,
-                     prefix_mask, config=cfg, n=n)
-        outs.append(out if real == per_mb else jax.tree.map(lambda x: x[: real * n], out))
+        out, _ = decode(self.graphdef, state, cache, first, first_logp, keys, tokens,
+                        prompt_mask, prefix_mask, config=cfg, n=n)
+        outs.append(out if real_rows == per_mb * n else
+                    jax.tree.map(lambda x: x[:real_rows], out))
         lengths.append(p)
+        # Decoding holds B = C·n rows; prefill's C-row cache is alive while it is replicated.
         cache_rows = per_mb * n + (per_mb if n > 1 else 0)
-        cache_bytes = max(cache_bytes, KVCache.num_bytes(self.model.cfg, cache_rows,
-                                                         cache_len(cfg, p), dtype))
+        cache_bytes = max(cache_bytes, KVCache.num_bytes(
+            self.model.cfg, cache_rows, cache_len(cfg, p), cache_dtype))
       result = concat_rollouts(outs, cfg.pad_id)
       if len(outs) > 1 and self.mesh is not None:
-        result = jax.tree.map(
-            lambda x: mesh_lib.put(x, ("batch", "length")[: x.ndim], self.mesh), result)
+        result = jax.tree.map(put, result)
     self.stats = SamplerStats(
         rows=num_rows, micro_batches=len(outs), context_lengths=tuple(lengths),
         kv_cache_bytes=cache_bytes, compilations=compile_counts())

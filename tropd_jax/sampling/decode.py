@@ -166,15 +166,15 @@ def decode(graphdef, state, cache: KVCache, first_B, first_logp_B, row_keys_B, t
   """
   _COMPILES["decode"] += 1
   model = nnx.merge(graphdef, state)
-  b, big_n = first_B.shape[0], config.max_new_tokens
-  tokens_BN = jnp.full((b, big_n), config.pad_id, jnp.int32).at[:, 0].set(first_B)
-  logp_BN = jnp.zeros((b, big_n), jnp.float32).at[:, 0].set(first_logp_B)
+  b, steps = first_B.shape[0], config.max_new_tokens
+  tokens_BN = jnp.full((b, steps), config.pad_id, jnp.int32).at[:, 0].set(first_B)
+  logp_BN = jnp.zeros((b, steps), jnp.float32).at[:, 0].set(first_logp_B)
   init = (jnp.int32(1), first_B, cache, tokens_BN, logp_BN, jnp.ones((b,), jnp.int32),
           _is_stop(first_B, config))
 
   def cond(carry):
     step, _, cache, _, _, _, done_B = carry
-    return (step < big_n) & ~jnp.all(done_B) & (cache.index < cache.max_len)
+    return (step < steps) & ~jnp.all(done_B) & (cache.index < cache.max_len)
 
   def body(carry):
     step, last_B, cache, tokens_BN, logp_BN, lengths_B, done_B = carry
@@ -191,13 +191,13 @@ def decode(graphdef, state, cache: KVCache, first_B, first_logp_B, row_keys_B, t
   _, _, cache, tokens_BN, logp_BN, lengths_B, stopped_B = jax.lax.while_loop(cond, body, init)
   ctx_BP, prompt_BP, prefix_BP = (_repeat_rows(x, n, _ROW_AXES)
                                   for x in (tokens_CP, prompt_mask_CP, prefix_mask_CP))
-  none_BN = jnp.zeros((b, big_n), bool)
+  none_BN = jnp.zeros((b, steps), bool)
   row = lambda a, z: mesh_lib.shard(jnp.concatenate([a, z], axis=1), _ROW_AXES)
   rollout = Rollout(
       tokens=row(jnp.where(prompt_BP | prefix_BP, ctx_BP, config.pad_id), tokens_BN),
       prompt_mask=row(prompt_BP, none_BN),
       prefix_mask=row(prefix_BP, none_BN),
-      completion_mask=row(jnp.zeros_like(prompt_BP), jnp.arange(big_n)[None] < lengths_B[:, None]),
+      completion_mask=row(jnp.zeros_like(prompt_BP), jnp.arange(steps)[None] < lengths_B[:, None]),
       logp=row(jnp.zeros(prompt_BP.shape, jnp.float32), logp_BN),
       lengths=lengths_B,
       stopped=stopped_B,
