@@ -51,7 +51,7 @@ def hf_greedy(hf, prompts, max_new_tokens, stop_ids=()):
 def full_logits(model, rollout: sampler.Rollout) -> np.ndarray:
   """float32 [B, L-1, V] logits at every input position (the training-time forward pass)."""
   batch = rollout.shifted()
-  return np.asarray(model(batch.inputs, mask_BT=batch.input_mask))
+  return np.asarray(model(batch.inputs, positions_BT=batch.positions, mask_BT=batch.input_mask))
 
 
 def completions(rollout: sampler.Rollout, field: str = "tokens") -> np.ndarray:

@@ -102,6 +102,14 @@ class ScoringInputs:
     """bool [B, L-1] response targets (completion or prefix); prompt and padding excluded."""
     return self.completion_mask | self.prefix_mask
 
+  @property
+  def positions(self) -> jax.Array:
+    """int32 [B, L-1] RoPE position of each input: its count of real tokens before it.
+
+    What ``model.hidden`` computes from ``input_mask`` by default, and what the sampler used.
+    """
+    return jnp.maximum(jnp.cumsum(self.input_mask, axis=1, dtype=jnp.int32) - 1, 0)
+
 
 def pad_to_length(rollout: Rollout, length: int, pad_id: int = 0) -> Rollout:
   """Right-pads every ``[B, L]`` field to ``[B, length]`` (padding slots: masks False)."""
