@@ -8,9 +8,12 @@ and the value that is wrong.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
+import fsspec
+import jax
 import ml_collections
 
 from tropd_jax.objectives import OBJECTIVES, ObjectiveConfig
@@ -141,6 +144,25 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(variant) if variant else module.get_config()
+
+
+RUN_CONFIG = "run_config.json"
+
+
+def save_run_config(config: ml_collections.ConfigDict) -> None:
+  """Records the run's config in its work directory (read back by ``export``)."""
+  if jax.process_index() == 0:
+    fsspec.open(f"{config.workdir}/{RUN_CONFIG}").fs.makedirs(config.workdir, exist_ok=True)
+    with fsspec.open(f"{config.workdir}/{RUN_CONFIG}", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = f"{workdir.rstrip('/')}/{RUN_CONFIG}"
+  if not fsspec.open(path).fs.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a tropd_jax work directory.")
+  with fsspec.open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def _get(config, dotted: str):

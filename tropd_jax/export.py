@@ -7,45 +7,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
-import fsspec
 import jax
-import ml_collections
-import numpy as np
 from flax import nnx
 
 from tropd_jax import checkpoint as ckpt_lib
+from tropd_jax import config as config_lib
 from tropd_jax import models
 from tropd_jax import train
 from tropd_jax import train_step as ts
 
-RUN_CONFIG = "run_config.json"
-
-
-def save_run_config(config: ml_collections.ConfigDict) -> None:
-  """Records the run's config in its work directory (read back by ``export``)."""
-  if jax.process_index() == 0:
-    fsspec.open(f"{config.workdir}/{RUN_CONFIG}").fs.makedirs(config.workdir, exist_ok=True)
-    with fsspec.open(f"{config.workdir}/{RUN_CONFIG}", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = f"{workdir.rstrip('/')}/{RUN_CONFIG}"
-  if not fsspec.open(path).fs.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a tropd_jax work directory.")
-  with fsspec.open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
 
 def export(workdir: str, out: str, step: int | None = None) -> int:
   """Restores the student at ``step`` (default: latest) and saves it to ``out``; returns the step."""
-  config = load_run_config(workdir)
+  config = config_lib.load_run_config(workdir)
   student = models.from_pretrained(config.student.path, dtype=config.student.dtype)
   params = nnx.state(student, nnx.Param)
-  tx = train._optimizer(config)
-  like = ts.TrainState(params, tx.init(params), jax.numpy.zeros((), np.int32))
+  tx = train.optimizer_from_config(config)
+  like = ts.TrainState(params, tx.init(params), jax.numpy.zeros((), jax.numpy.int32))
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", every=1, keep=1 << 30,
                                        async_save=False)
   steps = checkpointer.manager.all_steps()

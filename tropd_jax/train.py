@@ -86,15 +86,13 @@ def global_batch(stream: data_lib.PromptStream) -> list[data_lib.Prompt]:
 def setup(config: ml_collections.ConfigDict) -> Run:
   """Validates the config, loads models and data, restores the latest checkpoint."""
   config_lib.validate(config)
-  from tropd_jax.export import save_run_config
-
-  save_run_config(config)
+  config_lib.save_run_config(config)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**config.mesh))
   t_tok = models.load_tokenizer(config.teacher.path)
   s_tok = models.load_tokenizer(config.student.path)
-  t_cfg = models.ModelConfig.from_hf_config(hf_io_config(config.teacher.path))
-  s_cfg = models.ModelConfig.from_hf_config(hf_io_config(config.student.path))
-  vocab_size = models.check_same_tokenizer(t_tok, s_tok, t_cfg.vocab_size, s_cfg.vocab_size)
+  vocab_size = models.check_same_tokenizer(
+      t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
+      models.load_config(config.student.path).vocab_size)
   prompts, _ = data_lib.load_prompts(
       config.data.train_path, s_tok, prompt_key=config.data.prompt_key,
       answer_key=config.data.answer_key, teacher_response_key=config.data.teacher_response_key,
@@ -110,7 +108,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   if obj.guidance and not config.data.teacher_response_key:
     teacher_cache = data_lib.TeacherResponseCache(f"{config.workdir}/teacher_responses.jsonl")
 
-  tx = _optimizer(config)
+  tx = optimizer_from_config(config)
   params = nnx.state(student, nnx.Param)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init)(params)
@@ -130,13 +128,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
              checkpointer, metrics_lib.MetricsWriter(config.workdir), key)
 
 
-def hf_io_config(path: str) -> dict:
-  from tropd_jax.models import hf_io
-
-  return hf_io.read_json(f"{hf_io.resolve_checkpoint(path)}/config.json")
-
-
-def _optimizer(config):
+def optimizer_from_config(config):
+  """The run's optax transformation (AdamW, clipping, schedule) from ``config.train``."""
   t = config.train
   return ts.make_optimizer(lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
                            steps=config.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
@@ -257,7 +250,7 @@ class _Phases:
       self.student_logp = jax.jit(ts.make_student_logp(s_graph, **common, compute_dtype=compute))
       shardings = ts.state_shardings(run.state)
       self.update = jax.jit(
-          ts.make_train_step(s_graph, _optimizer(cfg), obj, **common, compute_dtype=compute),
+          ts.make_train_step(s_graph, optimizer_from_config(cfg), obj, **common, compute_dtype=compute),
           out_shardings=(shardings, None), donate_argnums=(0,))
 
 

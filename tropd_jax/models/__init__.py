@@ -2,7 +2,7 @@
 
 from tropd_jax.models.attention import KVCache
 from tropd_jax.models.config import PRESETS, ModelConfig, RopeScaling
-from tropd_jax.models.hf_io import from_pretrained, save_pretrained
+from tropd_jax.models.hf_io import from_pretrained, load_config, save_pretrained
 from tropd_jax.models.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from tropd_jax.models.transformer import (
     Transformer,
@@ -14,5 +14,5 @@ from tropd_jax.models.transformer import (
 __all__ = [
     "KVCache", "PRESETS", "ModelConfig", "RopeScaling", "Transformer", "Tokenizer",
     "abstract_model", "check_same_tokenizer", "from_pretrained", "init_model",
-    "load_tokenizer", "param_shardings", "save_pretrained",
+    "load_config", "load_tokenizer", "param_shardings", "save_pretrained",
 ]

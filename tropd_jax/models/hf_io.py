@@ -71,6 +71,12 @@ def resolve_checkpoint(path: str, *, marker: str | None = "config.json") -> str:
   )
 
 
+def load_config(path: str, *, dtype: str | None = None) -> ModelConfig:
+  """The ``ModelConfig`` of the checkpoint at ``path`` (reads only its config.json)."""
+  ckpt = resolve_checkpoint(path)
+  return with_dtype(ModelConfig.from_hf_config(read_json(f"{ckpt}/config.json")), dtype)
+
+
 def read_json(path: str) -> dict:
   with fsspec.open(path, "r") as f:
     return json.load(f)
