@@ -8,21 +8,38 @@ shared by all rows. Rows of different lengths are left-padded: ``mask_BS``
 says which slots hold real tokens, so padding is never attended to, and a
 row's positions count only its real tokens. Prefill writes ``T`` slots at
 ``index``; decode is the same call with ``T = 1``.
+
+Attention implementations (``Attention.attention_impl``):
+  ``einsum``  the reference: ``[B, K, G, T, S]`` float32 logits, any platform.
+  ``splash``  causal self-attention without a cache (training, teacher scoring) by the
+              Pallas splash-attention kernel that ships with jax: logits never leave the
+              chip's VMEM. Compiled by Mosaic on TPU; elsewhere it runs in Pallas' interpret
+              mode (slow: tests only). With a cache (the sampler), queries are processed in
+              blocks of ``QUERY_BLOCK`` so prefill memory grows with ``QUERY_BLOCK · S``.
+  ``auto``    ``splash`` on TPU, ``einsum`` elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from tropd_jax import mesh as mesh_lib
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.layers import RMSNorm, apply_rope, expand_to, param
 
 _KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+ATTENTION_IMPLS = ("einsum", "splash", "auto")
+# Queries per block of the blocked (cached, T > 1) path: its float32 logits are
+# [B, N, QUERY_BLOCK, S] (1 GiB for 8 rows of a 28-head model at S = 9119).
+QUERY_BLOCK = 128
+# Query and key tile of the splash kernel.
+SPLASH_BLOCK = 512
 
 
 @jax.tree_util.register_dataclass
@@ -69,14 +86,21 @@ class KVCache:
     return done_B[:, None] + jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
-  """Softmax attention with grouped heads; logits and softmax in float32."""
+def allowed_slots(key_mask_BS, q_slot_T):
+  """bool ``[B, T, S]``: query t may read slot s if s is filled and not after t's own slot."""
+  k_slot_S = jnp.arange(key_mask_BS.shape[1])
+  return key_mask_BS[:, None, :] & (k_slot_S[None, :] <= q_slot_T[:, None])[None]
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T):
+  """Softmax attention with grouped heads; logits and softmax in float32 (the reference)."""
   b, t, n, h = q_BTNH.shape
   k_heads = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h)
   logits_BKGTS = jnp.einsum(
       "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
   ) * (h**-0.5)
+  allowed_BTS = allowed_slots(key_mask_BS, q_slot_T)
   logits_BKGTS = jnp.where(
       allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min
   )
@@ -88,10 +112,101 @@ def attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
   return out_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-class Attention(nnx.Module):
-  """GQA with RoPE, optional q/k/v (and o) bias and optional q/k RMSNorm."""
+def attend_blocked(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T, block: int = QUERY_BLOCK):
+  """``attend`` over blocks of ``block`` queries (``lax.map``): logits are ``[B, K, G, block, S]``."""
+  b, t, n, h = q_BTNH.shape
+  if t <= block:
+    return attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T)
+  num = -(-t // block)
+  pad = num * block - t
+  q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q_slot_T = jnp.pad(q_slot_T, (0, pad), constant_values=-1)
+  q_MBCNH = jnp.moveaxis(q_BTNH.reshape(b, num, block, n, h), 1, 0)
+  out_MBCNH = jax.lax.map(
+      lambda xs: attend(xs[0], k_BSKH, v_BSKH, key_mask_BS, xs[1]),
+      (q_MBCNH, q_slot_T.reshape(num, block)))
+  return jnp.moveaxis(out_MBCNH, 0, 1).reshape(b, num * block, n, h)[:, :t]
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+
+def _platform(mesh) -> str:
+  device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  return device.platform if device is not None else jax.default_backend()
+
+
+def splash_attend(q_BTNH, k_BTKH, v_BTKH, mask_BT, *, block: int = SPLASH_BLOCK,
+                  interpret: bool | None = None):
+  """Causal self-attention over ``T`` tokens (no cache) with the Pallas splash kernel.
+
+  Padding (``mask_BT`` False) is a separate segment: real tokens never attend to it. Padded
+  queries attend among padding only; their outputs are meaningless (as with ``attend``).
+  ``T`` is padded up to a multiple of the kernel tile. Under a mesh the kernel runs per shard
+  (``shard_map``): rows over the batch axes, heads over ``tensor`` when both the query and the
+  KV heads divide by it (else every shard computes all heads).
+
+  Args:
+    q_BTNH, k_BTKH, v_BTKH: queries, keys and values (N a multiple of K).
+    mask_BT: bool, True for real tokens.
+    block: tile size of the kernel (query and key blocks), rounded down to fit short inputs.
+    interpret: run the kernel in Pallas' interpreter; default: unless the target is a TPU.
+  """
+  b, t, n, h = q_BTNH.shape
+  k_heads = k_BTKH.shape[2]
+  mesh = mesh_lib.current_mesh()
+  if interpret is None:
+    interpret = _platform(mesh) != "tpu"
+  block = min(block, 128 * -(-t // 128))
+  t_pad = block * -(-t // block)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, t_pad - t)) + ((0, 0),) * (x.ndim - 2))
+  # The kernel takes no scale: fold it into q (in float32, then back to the compute dtype).
+  q_BTNH = (q_BTNH.astype(jnp.float32) * h**-0.5).astype(q_BTNH.dtype)
+  q_BNTH = jnp.swapaxes(pad(q_BTNH), 1, 2)
+  k_BKTH = jnp.swapaxes(pad(k_BTKH), 1, 2)
+  v_BKTH = jnp.swapaxes(pad(v_BTKH), 1, 2)
+  segment_BT = pad(mask_BT.astype(jnp.int32))
+  sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+  def local(q_BNTH, k_BKTH, v_BKTH, segment_BT):
+    heads = q_BNTH.shape[1]
+    kernel = splash.make_splash_mha(
+        mask=splash.MultiHeadMask([splash.CausalMask((t_pad, t_pad))] * heads),
+        block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))
+    return jax.vmap(one)(q_BNTH, k_BKTH, v_BKTH, segment_BT)
+
+  if mesh is None:
+    out_BNTH = local(q_BNTH, k_BKTH, v_BKTH, segment_BT)
+  else:
+    q_spec = mesh_lib.logical_to_spec(("batch", "heads", None, None), q_BNTH.shape, mesh)
+    kv_spec = mesh_lib.logical_to_spec(("batch", "kv_heads", None, None), k_BKTH.shape, mesh)
+    if q_spec[1] != kv_spec[1]:  # GQA groups must stay whole on a shard
+      q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
+    row_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+    out_BNTH = jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec), out_specs=q_spec,
+        check_vma=False)(q_BNTH, k_BKTH, v_BKTH, segment_BT)
+  return jnp.swapaxes(out_BNTH, 1, 2)[:, :t].astype(q_BTNH.dtype)
+
+
+def resolve_impl(impl: str) -> str:
+  """``einsum`` or ``splash``: ``auto`` picks ``splash`` when compiling for a TPU."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.")
+  if impl == "auto":
+    return "splash" if _platform(mesh_lib.current_mesh()) == "tpu" else "einsum"
+  return impl
+
+
+class Attention(nnx.Module):
+  """GQA with RoPE, optional q/k/v (and o) bias and optional q/k RMSNorm.
+
+  ``attention_impl`` (one of ``ATTENTION_IMPLS``) is a static attribute; change it on a
+  loaded model with ``model.set_attributes(attention_impl="splash")``.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_impl: str = "einsum"):
+    resolve_impl(attention_impl)
     dt = cfg.param_dtype
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q_DNH = param(rngs, (d, n, h), dt, ("embed", "heads", "head_dim"))
@@ -108,9 +223,15 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dt)
       self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dt)
     self.cfg = cfg
+    self.attention_impl = attention_impl
 
-  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv: tuple | None, allowed_BTS, index):
-    """Returns ``(out_BTD, (k_BSKH, v_BSKH))``; writes into ``kv`` at ``index`` if given."""
+  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv: tuple | None, key_mask_BS, q_slot_T,
+               index):
+    """Returns ``(out_BTD, (k_BSKH, v_BSKH))``; writes into ``kv`` at ``index`` if given.
+
+    ``key_mask_BS`` marks the filled key slots (with a cache: after this call's write) and
+    ``q_slot_T`` the slot of each query; a query reads filled slots up to its own.
+    """
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...])
     k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...])
     v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...])
@@ -131,7 +252,13 @@ class Attention(nnx.Module):
       v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
     k_BSKH = mesh_lib.shard(k_BSKH, _KV_AXES)
     v_BSKH = mesh_lib.shard(v_BSKH, _KV_AXES)
-    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)
+    impl = resolve_impl(self.attention_impl)
+    if impl == "einsum":
+      out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T)
+    elif kv is None:
+      out_BTNH = splash_attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS)
+    else:
+      out_BTNH = attend_blocked(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T)
     out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...])
     if self.cfg.o_bias:
       out_BTD = out_BTD + expand_to(self.o_bias_D[...], 3)

@@ -27,15 +27,15 @@ _ACT_AXES = ("batch", "length", "embed")
 class Block(nnx.Module):
   """Pre-norm attention + SwiGLU with residuals."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_impl: str = "einsum"):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.param_dtype)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, attention_impl)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.param_dtype)
     self.mlp = SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv, allowed_BTS, index):
+  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv, key_mask_BS, q_slot_T, index):
     attn_BTD, kv = self.attn(
-        self.attn_norm(x_BTD), positions_BT, inv_freq_h, kv, allowed_BTS, index
+        self.attn_norm(x_BTD), positions_BT, inv_freq_h, kv, key_mask_BS, q_slot_T, index
     )
     x_BTD = mesh_lib.shard(x_BTD + attn_BTD, _ACT_AXES)
     x_BTD = mesh_lib.shard(x_BTD + self.mlp(self.mlp_norm(x_BTD)), _ACT_AXES)
@@ -49,14 +49,17 @@ class Transformer(nnx.Module):
     cfg: the architecture.
     rngs: initializer randomness.
     remat: recompute each block in the backward pass (saves activation memory).
+    attention_impl: ``einsum`` (reference), ``splash`` (fused TPU kernel for attention
+      without a cache) or ``auto`` (``splash`` on TPU); see ``models.attention``.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False,
+               attention_impl: str = "einsum"):
     self.cfg = cfg
     self.remat = remat
     dt = cfg.param_dtype
     self.embed_VD = param(rngs, (cfg.vocab_size, cfg.d_model), dt, ("vocab", "embed"))
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs, attention_impl) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
     if not cfg.tie_word_embeddings:
       self.lm_head_VD = param(rngs, (cfg.vocab_size, cfg.d_model), dt, ("vocab", "embed"))
@@ -98,17 +101,17 @@ class Transformer(nnx.Module):
       index = cache.index
       key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, mask_BT, (0, index))
       q_slot_T = index + jnp.arange(t)
-    k_slot_S = jnp.arange(key_mask_BS.shape[1])
-    allowed_BTS = key_mask_BS[:, None, :] & (k_slot_S[None, :] <= q_slot_T[:, None])[None]
     inv_freq_h = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
 
     x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
     x_BTD = mesh_lib.shard(x_BTD, _ACT_AXES)
-    run_block = nnx.remat(Block.__call__) if self.remat else Block.__call__
+    # No backward pass runs through a cache (sampling), and remat inside its decode loop fails.
+    run_block = nnx.remat(Block.__call__) if self.remat and cache is None else Block.__call__
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BTD, (k, v) = run_block(block, x_BTD, positions_BT, inv_freq_h, kv, allowed_BTS, index)
+      x_BTD, (k, v) = run_block(
+          block, x_BTD, positions_BT, inv_freq_h, kv, key_mask_BS, q_slot_T, index)
       new_k.append(k)
       new_v.append(v)
     h_BTD = self.final_norm(x_BTD)
