@@ -64,14 +64,48 @@ def filter_logits(logits_BV: jax.Array, config: SamplerConfig) -> jax.Array:
     logits_BV = jnp.where(logits_BV >= sorted_BK[:, -1:], logits_BV, -jnp.inf)
   if config.top_p < 1:
     if sorted_BK is None:
-      sorted_BK = -jnp.sort(-logits_BV, axis=-1)
-    probs_BK = jax.nn.softmax(sorted_BK, axis=-1)
-    # Keep a token while the mass strictly above it is below top_p (the first is always kept).
-    above_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-    last_B = jnp.sum(above_BK < config.top_p, axis=-1) - 1
-    threshold_B1 = jnp.take_along_axis(sorted_BK, last_B[:, None], axis=-1)
+      threshold_B1 = _nucleus_threshold(logits_BV, config.top_p)[:, None]
+    else:  # Within the top k, sorted already.
+      probs_BK = jax.nn.softmax(sorted_BK, axis=-1)
+      # Keep a token while the mass strictly above it is below top_p (the first is always kept).
+      above_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+      last_B = jnp.sum(above_BK < config.top_p, axis=-1) - 1
+      threshold_B1 = jnp.take_along_axis(sorted_BK, last_B[:, None], axis=-1)
     logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
   return logits_BV
+
+
+def _ordered(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 keys in the same order (sign-magnitude to offset binary)."""
+  u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(u >> 31 == 0, u | jnp.uint32(0x80000000), ~u)
+
+
+def _from_ordered(key: jax.Array) -> jax.Array:
+  u = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+  return jax.lax.bitcast_convert_type(u, jnp.float32)
+
+
+def _nucleus_threshold(logits_BV: jax.Array, top_p: float) -> jax.Array:
+  """[B] the smallest logit of each row's nucleus, by bisection instead of a full sort.
+
+  The nucleus is the most probable tokens down to the first whose cumulative mass reaches
+  ``top_p``; its smallest logit is the largest ``t`` with ``mass(logits >= t) >= top_p``.
+  Bisecting over the 2**32 float32 bit patterns finds it exactly in 32 masked sums over V
+  (a sort of ``[B, V]`` is ~40x slower on CPU).
+  """
+  probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+
+  def halve(_, bounds):
+    lo_B, hi_B = bounds
+    mid_B = lo_B + (hi_B - lo_B + 1) // 2
+    kept_B = jnp.where(logits_BV >= _from_ordered(mid_B)[:, None], probs_BV, 0.0)
+    ok_B = jnp.sum(kept_B, axis=-1) >= top_p
+    return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B - 1)
+
+  bounds = (_ordered(jnp.min(logits_BV, axis=-1)), _ordered(jnp.max(logits_BV, axis=-1)))
+  lo_B, _ = jax.lax.fori_loop(0, 32, halve, bounds)
+  return _from_ordered(lo_B)
 
 
 def _argmax(x_BV: jax.Array) -> jax.Array:
