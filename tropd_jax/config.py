@@ -34,6 +34,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = ""  # HF checkpoint of the teacher. Required.
   c.teacher.dtype = "bfloat16"
+  # Attention of both models: einsum | splash (Pallas kernel, TPU) | auto (splash on TPU).
+  c.attention_impl = "auto"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # Pure data parallelism (replicated parameters).
@@ -117,6 +119,7 @@ _CHOICES = {
     "student.compute_dtype": ("bfloat16", "float32"),
     "teacher.dtype": ("bfloat16", "float32"),
     "train.schedule": ("constant", "cosine"),
+    "attention_impl": ("auto", "einsum", "splash"),
 }
 _POSITIVE = (
     "steps", "rollout.prompts_per_step", "rollout.num_samples", "rollout.max_new_tokens",

@@ -101,8 +101,10 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       prompts, prompts_per_step=config.rollout.prompts_per_step, seed=config.seed,
       shuffle=config.data.shuffle, num_epochs=config.data.num_epochs)
   student = models.from_pretrained(config.student.path, dtype=config.student.dtype, mesh=mesh,
-                                   remat=config.student.remat)
-  teacher = models.from_pretrained(config.teacher.path, dtype=config.teacher.dtype, mesh=mesh)
+                                   remat=config.student.remat,
+                                   attention_impl=config.attention_impl)
+  teacher = models.from_pretrained(config.teacher.path, dtype=config.teacher.dtype, mesh=mesh,
+                                   attention_impl=config.attention_impl)
   obj = config_lib.objective_config(config)
   teacher_cache = None
   if obj.guidance and not config.data.teacher_response_key:
@@ -110,8 +112,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
 
   tx = optimizer_from_config(config)
   params = nnx.state(student, nnx.Param)
+  opt_shardings = ts.opt_state_shardings(tx, params)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = ts.TrainState(params, opt_state, mesh_lib.put(np.zeros((), np.int32), (), mesh))
   checkpointer = ckpt_lib.Checkpointer(
       f"{config.workdir}/checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,

@@ -190,6 +190,20 @@ def make_train_step(graphdef, tx, obj_cfg: ObjectiveConfig, *, chunk_size: int, 
   return step
 
 
+def opt_state_shardings(tx, params) -> Any:
+  """Shardings for ``tx.init(params)``: parameter-shaped leaves (Adam's moments) like their
+  parameter, the rest (step counts) replicated. A plain ``jax.jit(tx.init)`` leaves them to XLA.
+
+  ``params``: arrays or ShapeDtypeStructs with NamedShardings. Call it outside ``jax.set_mesh``
+  (optax traces ``tx.init`` on placeholders).
+  """
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def state_shardings(state: TrainState):
   return jax.tree.map(lambda x: x.sharding, state)
 

@@ -165,6 +165,7 @@ def from_pretrained(
     dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     remat: bool = False,
+    attention_impl: str = "einsum",
 ) -> Transformer:
   """Loads an HF checkpoint into a (sharded) ``Transformer``.
 
@@ -173,11 +174,12 @@ def from_pretrained(
     dtype: parameter dtype (``'bfloat16'``, ``'float32'``); default: config.json's.
     mesh: place each parameter with its logical sharding on this mesh.
     remat: recompute blocks in the backward pass.
+    attention_impl: ``einsum``, ``splash`` or ``auto`` (see ``models.attention``).
   """
   ckpt = resolve_checkpoint(path)
   cfg = with_dtype(ModelConfig.from_hf_config(read_json(f"{ckpt}/config.json")), dtype)
   tensors = _TensorIndex(ckpt)
-  model = abstract_model(cfg, remat=remat)
+  model = abstract_model(cfg, remat=remat, attention_impl=attention_impl)
   for path_, var in _params(model):
     name, to_model, to_hf = _hf_tensor(path_, cfg)
     if name == "lm_head.weight" and name not in tensors.weight_map and not cfg.tie_word_embeddings:
