@@ -13,6 +13,9 @@ _COORDINATOR = flags.DEFINE_string(
     "(TPU pods find it themselves).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_TPU_POD = flags.DEFINE_bool(
+    "tpu_pod", False, "Run on every worker of a multi-host Cloud TPU slice: jax.distributed "
+    "finds the workers from the TPU VM metadata (tpu/launch.sh sets it on pod slices).")
 
 
 def main(argv) -> None:
@@ -22,7 +25,7 @@ def main(argv) -> None:
   if _COORDINATOR.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif jax.config.jax_platforms in (None, "", "tpu") and _on_tpu_pod():
+  elif _TPU_POD.value or (jax.config.jax_platforms in (None, "", "tpu") and _on_gke_tpu_pod()):
     jax.distributed.initialize()
   logging.getLogger().setLevel(logging.INFO)
   from tropd_jax import train
@@ -30,7 +33,8 @@ def main(argv) -> None:
   train.run_training(_CONFIG.value)
 
 
-def _on_tpu_pod() -> bool:
+def _on_gke_tpu_pod() -> bool:
+  """Several TPU workers named in the environment (GKE sets it; TPU VMs keep it in metadata)."""
   import os
 
   return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
