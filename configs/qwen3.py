@@ -6,7 +6,7 @@
 Any Qwen3-tokenizer teacher works (``--config.teacher.path=nvidia/Qwen3-Nemotron-4B``). The run
 is the paper's (128 prompts x 4 rollouts per step, 8096-token responses); on 16 chips of 16 GiB
 it fits through sharding and micro-batching (``python -m tropd_jax.aot --config=configs/qwen3.py
---topology=v5e:4x4``): every row of a train micro-batch on its own chip. Variants as in
+--topology=v5e:4x4``). Variants as in
 configs/aime.py: ``--config=configs/qwen3.py:opd``.
 """
 
@@ -23,7 +23,10 @@ def get_config(variant: str | None = None):
   c.workdir = "runs/qwen3_tropd"
   c.student.path = "Qwen/Qwen3-1.7B"
   c.teacher.path = "Qwen/Qwen3-8B"
-  c.mesh.fsdp = -1  # v5e-16: 16-way FSDP.
-  c.rollout.micro_batch = 64  # 16 prompts x 4 samples (on-policy), 64 guided rows at a time.
-  c.train.micro_batch = 16  # One row per chip per micro-batch (640 rows: 40 micro-batches).
+  # v5e-16 (16 GiB chips): 4-way FSDP x 4-way tensor parallelism (heads, MLP, vocabulary), so
+  # that a KV cache is sharded 16 ways over rows and KV heads even for a few contexts.
+  c.mesh.fsdp = 4
+  c.mesh.tensor = 4
+  c.rollout.micro_batch = 16  # 4 prompts x 4 samples, or 16 guided rows, decoded at a time.
+  c.train.micro_batch = 4  # One row per FSDP shard per micro-batch (640 rows: 160 micro-batches).
   return c

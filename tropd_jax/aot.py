@@ -453,8 +453,8 @@ def format_report(report: Report) -> str:
   for p in report.phases:
     lines.append(f"{p.name:<18} {p.calls:>10} {p.flops / 1e12:>11.2f} {p.bytes_accessed / 1e9:>9.1f} "
                  f"{p.kernels:>7} {p.compile_s:>10.0f}   {p.shapes}")
-  lines.append("(decode: XLA counts the while-loop body once, i.e. one token step per call; "
-               "pallas: Pallas kernel calls in the program, the splash attention on TPU)")
+  lines.append("(XLA counts a loop body once: decode is one token step, score and train one "
+               "micro-batch; pallas: Pallas kernel calls in the program, the splash attention)")
   lines += [f"note: {n}" for n in report.notes]
   return "\n".join(lines)
 
