@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -150,3 +151,18 @@ def test_notebook_runs_the_demo(tmp_path, monkeypatch):
   records = metrics_lib.read_metrics(str(workdir))
   assert [r["step"] for r in records] == [0, 1, 2]
   assert np.isfinite(records[-1]["loss"]) and os.path.exists(workdir / "metrics.png")
+
+
+def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
+  """The demo's work directory is relative to where it is launched (``runs/demo_...``)."""
+  from tropd_jax import checkpoint as ckpt_lib
+
+  monkeypatch.chdir(tmp_path)
+  ckpt = ckpt_lib.Checkpointer("runs/x/checkpoints", every=1, keep=1, async_save=False)
+  state = {"w": jnp.arange(3.0)}
+  assert ckpt.save(1, state, {"step": 1}, force=True)
+  ckpt.close()
+  assert (tmp_path / "runs" / "x" / "checkpoints" / "1").is_dir()
+  restored, meta = ckpt_lib.Checkpointer("runs/x/checkpoints", every=1, keep=1).restore(
+      1, ckpt_lib.abstract_like(state))
+  assert meta == {"step": 1} and np.array_equal(restored["w"], state["w"])

@@ -9,6 +9,7 @@ warning in favour of the one before it.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -21,6 +22,8 @@ class Checkpointer:
   """Saves and restores ``{"params", "opt_state"}`` pytrees plus JSON metadata."""
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    if "://" not in directory:
+      directory = os.path.abspath(directory)  # Orbax takes absolute paths only.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every,
         max_to_keep=keep,
