@@ -86,6 +86,11 @@ def _merge_micro(tree):
   return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
 
 
+def _rows_sharded(tree):
+  """Rows over the batch mesh axes, as the step's batch (else XLA may replicate the outputs)."""
+  return jax.tree.map(lambda x: mesh_lib.shard(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
+
+
 def _cast(params, dtype):
   return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                       params)
@@ -109,7 +114,7 @@ def make_teacher_scorer(graphdef, *, top_k: int, chunk_size: int, vocab_size: in
   def score(params, batch: Batch) -> scoring.TeacherScores:
     params = jax.lax.stop_gradient(params)
     scores = jax.lax.map(lambda mb: score_one(params, mb), _split_micro(batch, micro_batch))
-    return _merge_micro(scores)
+    return _rows_sharded(_merge_micro(scores))
 
   return score
 
@@ -128,7 +133,8 @@ def make_student_logp(graphdef, *, chunk_size: int, vocab_size: int, micro_batch
 
   def logp(params, batch: Batch):
     params = jax.lax.stop_gradient(params)
-    return _merge_micro(jax.lax.map(lambda mb: one(params, mb), _split_micro(batch, micro_batch)))
+    return _rows_sharded(
+        _merge_micro(jax.lax.map(lambda mb: one(params, mb), _split_micro(batch, micro_batch))))
 
   return logp
 
