@@ -193,6 +193,7 @@ def main(argv=None) -> None:
   parser.add_argument("--config", default=DEMO_CONFIG, help="the config file every run starts from")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter, 24 runs of it.
   import jax
 
   # Every run compiles the same programs: cache them on disk so only the first run pays.
