@@ -11,6 +11,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,19 @@ class Run:
 def guidance_fraction(step: int, total_steps: int) -> float:
   """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (METHOD.md §4)."""
   return (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+
+
+def guidance_prefix(response: Sequence[int], alpha: float, stop_ids: Sequence[int]) -> tuple[int, ...]:
+  """``y^T[:⌊α·|y^T|⌋]`` of a teacher response, its closing stop tokens left out of ``y^T``.
+
+  A generated response ends with the end-of-turn token; a prefix that held it would have the
+  student continue past the end of the turn. Without it, a full prefix (α = 1 at step 0) leaves
+  the student to close the turn itself, as with a response read from the data.
+  """
+  end = len(response)
+  while end and response[end - 1] in stop_ids:
+    end -= 1
+  return tuple(response[: int(alpha * end)])
 
 
 def to_host(x) -> np.ndarray:
@@ -188,7 +202,8 @@ def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout
   info = {"sampler/kv_cache_gib": sampler.stats.kv_cache_bytes / 2**30}
   if obj.guidance and cfg.guidance.per_prompt:
     alpha = guidance_fraction(step, cfg.steps)
-    prefixes = [r[: int(alpha * len(r))] for r in teacher_responses(run, prompts)]
+    prefixes = [guidance_prefix(r, alpha, run.tokenizer.stop_ids)
+                for r in teacher_responses(run, prompts)]
     rollouts.append(sampler.rollout(ids, prefixes, n=cfg.guidance.per_prompt, seed=step,
                                     row_offset=len(ids) * n))
     info["guidance/alpha"] = alpha
