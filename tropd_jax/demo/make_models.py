@@ -16,7 +16,7 @@ text, and are trained here from scratch by supervised next-token prediction on w
   is sloppy more often than not (held-out accuracy ~40 %, the teacher's ~97 %), and writes in a
   different style, so the teacher finds both trusted tokens and outliers in its rollouts.
 
-Both train on a laptop CPU in about fifteen minutes. Seeds are fixed, but XLA's CPU kernels are not
+Both train on a laptop CPU in about ten minutes. Seeds are fixed, but XLA's CPU kernels are not
 bit-reproducible across machines, so a rerun gives models of the same quality, not the same bytes.
 """
 
