@@ -49,12 +49,7 @@ def overrides(root) -> dict[str, object]:
 
 def tiny_config(root):
   c = tiny_config_file.get_config()
-  for dotted, value in overrides(root).items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides(root))
   return c
 
 
