@@ -40,6 +40,7 @@ from flax import nnx
 from tropd_jax import config as config_lib
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import models
+from tropd_jax import train
 from tropd_jax import train_step as ts
 from tropd_jax.sampling.config import SamplerConfig
 from tropd_jax.sampling.decode import cache_len, decode, prefill
@@ -263,11 +264,12 @@ def _phase(name, shapes, calls, lowered, compiled, seconds, *, resident: dict[st
                lowered.as_text().count("tpu_custom_call"))
 
 
-def _sampler_phases(prefix, graphdef, state, scfg: SamplerConfig, *, contexts: int, n: int,
-                    context_len: int, calls: int, mesh, resident: dict[str, int],
-                    log) -> list[Phase]:
-  """Prefill + decode of one rollout micro-batch."""
-  b = contexts * n
+def _sampler_phases(prefix, graphdef, state, scfg: SamplerConfig, *, prompts: int, n: int,
+                    context_len: int, mesh, resident: dict[str, int], log) -> list[Phase]:
+  """Prefill + decode of one rollout micro-batch, as ``Sampler.rollout`` splits ``prompts · n`` rows."""
+  b = scfg.rows_per_micro_batch(prompts * n, n)
+  contexts = b // n
+  calls = -(-prompts // contexts)
   tokens = _sds((contexts, context_len), jnp.int32, ("batch", "length"), mesh)
   mask = _sds((contexts, context_len), jnp.bool_, ("batch", "length"), mesh)
   seed = jax.ShapeDtypeStruct((), jnp.int32)
@@ -316,9 +318,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *,
   s_graph, s_params = abstract_params(s_cfg, mesh, remat=config.student.remat,
                                       attention_impl=attention)
   t_graph, t_params = abstract_params(t_cfg, mesh, attention_impl=attention)
-  tx = ts.make_optimizer(lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
-                         steps=config.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-                         grad_clip=t.grad_clip)
+  tx = train.optimizer_from_config(config)
   # As train.setup: jax.jit(tx.init, out_shardings=ts.opt_state_shardings(tx, params)).
   opt_state = _with_shardings(jax.eval_shape(tx.init, s_params),
                               ts.opt_state_shardings(tx, s_params))
@@ -330,33 +330,29 @@ def compile_run(config: ml_collections.ConfigDict, devices, *,
     s_compute = s_params if s_cfg.dtype == config.student.compute_dtype else _cast(s_params, compute)
     sampling_copy = 0 if s_compute is s_params else chip_bytes(s_compute)
 
-    def sampler_config(max_new_tokens, temperature, cfg):
-      return SamplerConfig(
-          max_new_tokens=max_new_tokens, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
-          stop_ids=cfg.eos_token_id, length_buckets=tuple(r.prompt_buckets),
-          micro_batch_size=r.micro_batch, vocab_size=vocab_size,
-          cache_dtype=config.student.compute_dtype)
-
+    # The trainer's sampler settings; the checkpoint's EOS ids stand in for the tokenizer's.
+    scfg = train.sampler_config(config, stop_ids=s_cfg.eos_token_id, pad_id=0,
+                                vocab_size=vocab_size)
     phases = []
-    scfg = sampler_config(r.max_new_tokens, r.temperature, s_cfg)
     prompt_len = scfg.bucket(config.data.max_prompt_tokens)
     resident = {"params": student_b + teacher_b, "optimizer": opt_b}
     n = r.num_samples
     row_len = prompt_len + r.max_new_tokens
     if wanted("sample"):
-      phases += _sampler_phases(
-          "sample", s_graph, s_compute, scfg, contexts=r.micro_batch // n, n=n,
-          context_len=prompt_len, calls=-(-r.prompts_per_step // (r.micro_batch // n)),
-          mesh=mesh, resident=resident, log=log)
+      phases += _sampler_phases("sample", s_graph, s_compute, scfg, prompts=r.prompts_per_step,
+                                n=n, context_len=prompt_len, mesh=mesh, resident=resident,
+                                log=log)
     if obj.guidance and config.guidance.per_prompt:
       g = config.guidance.per_prompt
       if not config.data.teacher_response_key and wanted("teacher"):
-        tcfg = sampler_config(config.guidance.max_teacher_tokens,
-                              config.guidance.teacher_temperature, t_cfg)
+        tcfg = train.sampler_config(
+            config, stop_ids=t_cfg.eos_token_id, pad_id=0, vocab_size=vocab_size,
+            max_new_tokens=config.guidance.max_teacher_tokens,
+            temperature=config.guidance.teacher_temperature)
         t_compute = _cast(t_params, compute)
         phases += _sampler_phases(
-            "teacher", t_graph, t_compute, tcfg, contexts=r.micro_batch, n=1,
-            context_len=prompt_len, calls=-(-r.prompts_per_step // r.micro_batch), mesh=mesh,
+            "teacher", t_graph, t_compute, tcfg, prompts=r.prompts_per_step, n=1,
+            context_len=prompt_len, mesh=mesh,
             resident={"params": student_b + sampling_copy, "optimizer": opt_b}, log=log)
         notes.append("teacher/*: generating teacher responses for guidance, once per prompt "
                      "(cached in the workdir).")
@@ -366,10 +362,9 @@ def compile_run(config: ml_collections.ConfigDict, devices, *,
       guided_len = scfg.bucket(config.data.max_prompt_tokens + config.guidance.max_teacher_tokens)
       guided_row = guided_len + r.max_new_tokens
       if wanted("guided"):
-        phases += _sampler_phases(
-            "guided", s_graph, s_compute, scfg, contexts=r.micro_batch // g, n=g,
-            context_len=guided_len, calls=-(-r.prompts_per_step // (r.micro_batch // g)),
-            mesh=mesh, resident=resident, log=log)
+        phases += _sampler_phases("guided", s_graph, s_compute, scfg, prompts=r.prompts_per_step,
+                                  n=g, context_len=guided_len, mesh=mesh, resident=resident,
+                                  log=log)
       row_len = max(row_len, guided_row)
       notes.append(f"guided rows: prompt + teacher prefix (up to {guided_len} tokens) + "
                    f"max_new_tokens, so every row of the step is padded to {guided_row}.")

@@ -153,15 +153,16 @@ def optimizer_from_config(config):
                            grad_clip=t.grad_clip)
 
 
-def sampler_config(config, tokenizer: models.Tokenizer, vocab_size: int, *, max_new_tokens=None,
+def sampler_config(config, *, stop_ids, pad_id: int, vocab_size: int, max_new_tokens=None,
                    temperature=None) -> SamplerConfig:
+  """The run's sampler settings (``config.rollout``); the teacher's guidance overrides two."""
   r = config.rollout
   return SamplerConfig(
       max_new_tokens=max_new_tokens or r.max_new_tokens,
       temperature=r.temperature if temperature is None else temperature,
-      top_p=r.top_p, top_k=r.top_k, stop_ids=tokenizer.stop_ids,
+      top_p=r.top_p, top_k=r.top_k, stop_ids=tuple(stop_ids),
       length_buckets=tuple(r.prompt_buckets), micro_batch_size=r.micro_batch,
-      pad_id=tokenizer.pad_id, vocab_size=vocab_size, cache_dtype=config.student.compute_dtype)
+      pad_id=pad_id, vocab_size=vocab_size, cache_dtype=config.student.compute_dtype)
 
 
 def _compute_model(model: models.Transformer, dtype: str) -> models.Transformer:
@@ -182,7 +183,8 @@ def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[in
   if missing:
     cfg = run.config
     sampler = Sampler(run.teacher, sampler_config(
-        cfg, run.tokenizer, run.vocab_size, max_new_tokens=cfg.guidance.max_teacher_tokens,
+        cfg, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
+        vocab_size=run.vocab_size, max_new_tokens=cfg.guidance.max_teacher_tokens,
         temperature=cfg.guidance.teacher_temperature), mesh=run.mesh)
     rollout = sampler.rollout([p.ids for p in missing], n=1, seed=cfg.seed + 1)
     tokens, mask = to_host(rollout.tokens), to_host(rollout.completion_mask)
@@ -195,7 +197,9 @@ def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout
   cfg = run.config
   obj = config_lib.objective_config(cfg)
   model = _compute_model(run.student, cfg.student.compute_dtype)
-  sampler = Sampler(model, sampler_config(cfg, run.tokenizer, run.vocab_size), mesh=run.mesh)
+  sampler = Sampler(model, sampler_config(cfg, stop_ids=run.tokenizer.stop_ids,
+                                          pad_id=run.tokenizer.pad_id,
+                                          vocab_size=run.vocab_size), mesh=run.mesh)
   ids = [p.ids for p in prompts]
   n = cfg.rollout.num_samples
   rollouts = [sampler.rollout(ids, n=n, seed=step)]
