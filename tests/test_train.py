@@ -237,6 +237,28 @@ def _wait_for_step(workdir, step, proc, timeout=300):
   raise TimeoutError(f"no step {step} in {path}")
 
 
+def test_signal_during_an_unforced_save_saves_the_next_step(checkpoints, tmp_path, monkeypatch):
+  """A SIGTERM that lands while a step's (unforced) save runs must not end the run unsaved."""
+  import signal
+
+  from tropd_jax import checkpoint as ckpt_lib
+
+  original = ckpt_lib.Checkpointer.save
+
+  def save_then_signal(self, step, state, meta, *, force=False):
+    saved = original(self, step, state, meta, force=force)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before save() returns
+    return saved
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_then_signal)
+  work = tmp_path / "run"
+  train.run_training(tiny_config(checkpoints, work, steps=10, checkpoint__every=1000))
+  last_logged = metrics_lib.read_metrics(str(work))[-1]["step"]
+  saved = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).manager.latest_step()
+  assert saved == last_logged == 3
+
+
 def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
   import signal
   import subprocess

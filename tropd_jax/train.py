@@ -349,10 +349,13 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
       bar.update(step + 1, scalars)
       last = scalars
       meta = {"data": run.stream.state(), "step": step + 1, "seed": cfg.seed}
+      # Read the flag once: a signal that lands during the save is handled after the
+      # next step, never reported as saved when this save was not forced.
+      received = stop["signal"]
       run.checkpointer.save(step + 1, dataclasses.asdict(run.state), meta,
-                            force=step + 1 == end or stop["signal"] is not None)
-      if stop["signal"] is not None:
-        log.warning("received signal %s: saved step %d, exiting.", stop["signal"], step + 1)
+                            force=step + 1 == end or received is not None)
+      if received is not None:
+        log.warning("received signal %s: saved step %d, exiting.", received, step + 1)
         break
     if len(evals) > 1:
       print(evaluate_lib.format_summary_table({f"step {s}": e for s, e in evals.items()}))
