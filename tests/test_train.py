@@ -281,7 +281,9 @@ def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
   cmd = _main_command(checkpoints, work, "--config.steps=1000", "--config.checkpoint.every=1")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
-  _wait_for_step(work, saved + 2, proc)
+  # Orbax starts a save only after the previous one has finished, so once step saved + 3 is
+  # logged the save of step saved + 1 is complete on disk.
+  _wait_for_step(work, saved + 3, proc)
   proc.kill()
   proc.communicate()
   last = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).manager.latest_step()
