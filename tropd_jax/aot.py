@@ -144,14 +144,11 @@ def chip_bytes(tree) -> int:
 
 def abstract_params(cfg: models.ModelConfig, mesh, **kwargs):
   """``(graphdef, params)``: parameters as sharded ShapeDtypeStructs (no memory)."""
-  model = models.abstract_model(cfg, **kwargs)
-
-  def one(var):
-    sharding = mesh_lib.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
-    return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
-
-  graphdef, state = nnx.split(model)
-  state = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  graphdef, state = nnx.split(models.abstract_model(cfg, **kwargs))
+  state = jax.tree.map(
+      lambda var, sharding: var.replace(
+          jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)),
+      state, models.param_shardings(state, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
   return graphdef, state
 
 
@@ -266,7 +263,7 @@ def _phase(name, shapes, calls, lowered, compiled, seconds, *, resident: dict[st
 
 def _sampler_phases(prefix, graphdef, state, scfg: SamplerConfig, *, prompts: int, n: int,
                     context_len: int, mesh, resident: dict[str, int], log) -> list[Phase]:
-  """Prefill + decode of one rollout micro-batch, as ``Sampler.rollout`` splits ``prompts · n`` rows."""
+  """Prefill + decode of one rollout micro-batch, as ``Sampler.rollout`` splits the rows."""
   b = scfg.rows_per_micro_batch(prompts * n, n)
   contexts = b // n
   calls = -(-prompts // contexts)
@@ -327,7 +324,8 @@ def compile_run(config: ml_collections.ConfigDict, devices, *,
     step = _sds((), jnp.int32, (), mesh)
     state = ts.TrainState(s_params, opt_state, step)
     student_b, teacher_b, opt_b = chip_bytes(s_params), chip_bytes(t_params), chip_bytes(opt_state)
-    s_compute = s_params if s_cfg.dtype == config.student.compute_dtype else _cast(s_params, compute)
+    s_compute = (s_params if s_cfg.dtype == config.student.compute_dtype
+                 else _cast(s_params, compute))
     sampling_copy = 0 if s_compute is s_params else chip_bytes(s_compute)
 
     # The trainer's sampler settings; the checkpoint's EOS ids stand in for the tokenizer's.
@@ -404,7 +402,8 @@ def compile_run(config: ml_collections.ConfigDict, devices, *,
   return phases, notes
 
 
-def run(config: ml_collections.ConfigDict, topology: str, *, headroom: float = 0.1, chip_config: str | None = "auto", hbm_gib: float | None = None,
+def run(config: ml_collections.ConfigDict, topology: str, *, headroom: float = 0.1,
+        chip_config: str | None = "auto", hbm_gib: float | None = None,
         student_preset: str | None = None, teacher_preset: str | None = None,
         only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> Report:
   """Compiles ``config`` for ``topology`` and returns the per-chip memory ``Report``."""
@@ -412,8 +411,8 @@ def run(config: ml_collections.ConfigDict, topology: str, *, headroom: float = 0
   hbm = int(hbm_gib * GiB) if hbm_gib else hbm_bytes(devices[0])
   mesh_shape = dict(zip(mesh_lib.MESH_AXES,
                         mesh_lib.MeshConfig(**config.mesh).shape(len(devices))))
-  phases, notes = compile_run(config, devices, student_preset=student_preset, teacher_preset=teacher_preset,
-                              only=only, log=log)
+  phases, notes = compile_run(config, devices, student_preset=student_preset,
+                              teacher_preset=teacher_preset, only=only, log=log)
   return Report(topology, devices[0].device_kind, len(devices), mesh_shape,
                 config.attention_impl, hbm, headroom, phases, notes)
 
@@ -446,8 +445,8 @@ def format_report(report: Report) -> str:
       "XLA cost per chip  calls/step  TFLOP/call   GB/call  pallas  compile s   shapes",
   ]
   for p in report.phases:
-    lines.append(f"{p.name:<18} {p.calls:>10} {p.flops / 1e12:>11.2f} {p.bytes_accessed / 1e9:>9.1f} "
-                 f"{p.kernels:>7} {p.compile_s:>10.0f}   {p.shapes}")
+    lines.append(f"{p.name:<18} {p.calls:>10} {p.flops / 1e12:>11.2f} "
+                 f"{p.bytes_accessed / 1e9:>9.1f} {p.kernels:>7} {p.compile_s:>10.0f}   {p.shapes}")
   lines.append("(XLA counts a loop body once: decode is one token step, score and train one "
                "micro-batch; pallas: Pallas kernel calls in the program, the splash attention)")
   lines += [f"note: {n}" for n in report.notes]
@@ -456,9 +455,10 @@ def format_report(report: Report) -> str:
 
 def main(argv) -> None:
   del argv
-  report = run(_CONFIG.value, _TOPOLOGY.value, headroom=_HEADROOM.value, chip_config=_CHIP_CONFIG.value or None,
-               hbm_gib=_HBM_GIB.value, student_preset=_STUDENT_PRESET.value,
-               teacher_preset=_TEACHER_PRESET.value, only=tuple(_ONLY.value or ()),
+  report = run(_CONFIG.value, _TOPOLOGY.value, headroom=_HEADROOM.value,
+               chip_config=_CHIP_CONFIG.value or None, hbm_gib=_HBM_GIB.value,
+               student_preset=_STUDENT_PRESET.value, teacher_preset=_TEACHER_PRESET.value,
+               only=tuple(_ONLY.value or ()),
                log=lambda s: print(s, file=sys.stderr, flush=True))
   print(format_report(report))
   sys.exit(0 if report.fits else 1)
@@ -469,13 +469,16 @@ if __name__ == "__main__":
   from ml_collections import config_flags
 
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (path.py[:variant]).")
-  _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4.")
+  _TOPOLOGY = flags.DEFINE_string("topology", None,
+                                  "TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4.")
   _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of HBM that must stay free.")
   _CHIP_CONFIG = flags.DEFINE_string("chip_config", "auto",
                                      "libtpu chip config (auto: megacore on v4/v5p; '' for none).")
   _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per device in GiB (default: by chip kind).")
-  _STUDENT_PRESET = flags.DEFINE_string("student_preset", None, "ModelConfig preset of the student.")
-  _TEACHER_PRESET = flags.DEFINE_string("teacher_preset", None, "ModelConfig preset of the teacher.")
+  _STUDENT_PRESET = flags.DEFINE_string("student_preset", None,
+                                        "ModelConfig preset of the student.")
+  _TEACHER_PRESET = flags.DEFINE_string("teacher_preset", None,
+                                        "ModelConfig preset of the teacher.")
   _ONLY = flags.DEFINE_list("only", None, "Compile only these phase groups (sample, teacher, "
                             "guided, score, train); a partial check, for iterating on a config.")
   flags.mark_flags_as_required(["config", "topology"])
