@@ -64,7 +64,8 @@ def guidance_fraction(step: int, total_steps: int) -> float:
   return (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
 
 
-def guidance_prefix(response: Sequence[int], alpha: float, stop_ids: Sequence[int]) -> tuple[int, ...]:
+def guidance_prefix(response: Sequence[int], alpha: float,
+                    stop_ids: Sequence[int]) -> tuple[int, ...]:
   """``y^T[:⌊α·|y^T|⌋]`` of a teacher response, its closing stop tokens left out of ``y^T``.
 
   A generated response ends with the end-of-turn token; a prefix that held it would have the
@@ -165,6 +166,12 @@ def sampler_config(config, *, stop_ids, pad_id: int, vocab_size: int, max_new_to
       pad_id=pad_id, vocab_size=vocab_size, cache_dtype=config.student.compute_dtype)
 
 
+def _run_sampler_config(run: Run, **overrides) -> SamplerConfig:
+  """``sampler_config`` with the run's tokenizer and vocabulary."""
+  return sampler_config(run.config, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
+                        vocab_size=run.vocab_size, **overrides)
+
+
 def _compute_model(model: models.Transformer, dtype: str) -> models.Transformer:
   """``model`` itself if it is in ``dtype``, else a cast copy for sampling (same shardings)."""
   if model.cfg.dtype == dtype:
@@ -182,9 +189,8 @@ def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[in
   missing = [p for p in prompts if run.teacher_cache.get(p.index) is None]
   if missing:
     cfg = run.config
-    sampler = Sampler(run.teacher, sampler_config(
-        cfg, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
-        vocab_size=run.vocab_size, max_new_tokens=cfg.guidance.max_teacher_tokens,
+    sampler = Sampler(run.teacher, _run_sampler_config(
+        run, max_new_tokens=cfg.guidance.max_teacher_tokens,
         temperature=cfg.guidance.teacher_temperature), mesh=run.mesh)
     rollout = sampler.rollout([p.ids for p in missing], n=1, seed=cfg.seed + 1)
     tokens, mask = to_host(rollout.tokens), to_host(rollout.completion_mask)
@@ -197,9 +203,7 @@ def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout
   cfg = run.config
   obj = config_lib.objective_config(cfg)
   model = _compute_model(run.student, cfg.student.compute_dtype)
-  sampler = Sampler(model, sampler_config(cfg, stop_ids=run.tokenizer.stop_ids,
-                                          pad_id=run.tokenizer.pad_id,
-                                          vocab_size=run.vocab_size), mesh=run.mesh)
+  sampler = Sampler(model, _run_sampler_config(run), mesh=run.mesh)
   ids = [p.ids for p in prompts]
   n = cfg.rollout.num_samples
   rollouts = [sampler.rollout(ids, n=n, seed=step)]
@@ -272,7 +276,8 @@ class _Phases:
       self.student_logp = jax.jit(ts.make_student_logp(s_graph, **common, compute_dtype=compute))
       shardings = ts.state_shardings(run.state)
       self.update = jax.jit(
-          ts.make_train_step(s_graph, optimizer_from_config(cfg), obj, **common, compute_dtype=compute),
+          ts.make_train_step(s_graph, optimizer_from_config(cfg), obj, **common,
+                             compute_dtype=compute),
           out_shardings=(shardings, None), donate_argnums=(0,))
 
 
