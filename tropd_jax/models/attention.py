@@ -1,16 +1,16 @@
 """Grouped-query attention and the KV cache the sampler drives.
 
 Shape key: B batch, T query length, S key slots, D d_model, N query heads,
-K kv heads, G = N // K, H head dim.
+G kv heads, Q = N // G query heads per kv head, H head dim.
 
-The cache is a fixed ``[B, S, K, H]`` buffer per layer with one write index
+The cache is a fixed ``[B, S, G, H]`` buffer per layer with one write index
 shared by all rows. Rows of different lengths are left-padded: ``mask_BS``
 says which slots hold real tokens, so padding is never attended to, and a
 row's positions count only its real tokens. Prefill writes ``T`` slots at
 ``index``; decode is the same call with ``T = 1``.
 
 Attention implementations (``Attention.attention_impl``):
-  ``einsum``  the reference: ``[B, K, G, T, S]`` float32 logits, any platform.
+  ``einsum``  the reference: ``[B, G, Q, T, S]`` float32 logits, any platform.
   ``splash``  causal self-attention without a cache (training, teacher scoring) by the
               Pallas splash-attention kernel that ships with jax: logits never leave the
               chip's VMEM. Compiled by Mosaic on TPU; elsewhere it runs in Pallas' interpret
@@ -48,8 +48,8 @@ class KVCache:
   """Keys and values of every layer, plus which slots are filled.
 
   Attributes:
-    k: per layer ``[B, S, K, H]``.
-    v: per layer ``[B, S, K, H]``.
+    k: per layer ``[B, S, G, H]``.
+    v: per layer ``[B, S, G, H]``.
     mask_BS: ``bool [B, S]``, True where a slot holds a real (non-pad) token.
     index: ``int32 []``, the next slot to write (shared by all rows).
   """
@@ -92,38 +92,38 @@ def allowed_slots(key_mask_BS, q_slot_T):
   return key_mask_BS[:, None, :] & (k_slot_S[None, :] <= q_slot_T[:, None])[None]
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T):
+def attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T):
   """Softmax attention with grouped heads; logits and softmax in float32 (the reference)."""
   b, t, n, h = q_BTNH.shape
-  k_heads = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h)
-  logits_BKGTS = jnp.einsum(
-      "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+  k_heads = k_BSGH.shape[2]
+  q_BTGQH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h)
+  logits_BGQTS = jnp.einsum(
+      "BTGQH,BSGH->BGQTS", q_BTGQH, k_BSGH, preferred_element_type=jnp.float32
   ) * (h**-0.5)
   allowed_BTS = allowed_slots(key_mask_BS, q_slot_T)
-  logits_BKGTS = jnp.where(
-      allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min
+  logits_BGQTS = jnp.where(
+      allowed_BTS[:, None, None], logits_BGQTS, jnp.finfo(jnp.float32).min
   )
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-  out_BTKGH = jnp.einsum(
-      "BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH,
+  probs_BGQTS = jax.nn.softmax(logits_BGQTS, axis=-1)
+  out_BTGQH = jnp.einsum(
+      "BGQTS,BSGH->BTGQH", probs_BGQTS.astype(v_BSGH.dtype), v_BSGH,
       preferred_element_type=jnp.float32,
   )
-  return out_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype)
+  return out_BTGQH.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-def attend_blocked(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T, block: int = QUERY_BLOCK):
-  """``attend`` over blocks of ``block`` queries (``lax.map``): logits are ``[B, K, G, block, S]``."""
+def attend_blocked(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T, block: int = QUERY_BLOCK):
+  """``attend`` over blocks of ``block`` queries (``lax.map``): logits are ``[B, G, Q, block, S]``."""
   b, t, n, h = q_BTNH.shape
   if t <= block:
-    return attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T)
+    return attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T)
   num = -(-t // block)
   pad = num * block - t
   q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
   q_slot_T = jnp.pad(q_slot_T, (0, pad), constant_values=-1)
   q_MBCNH = jnp.moveaxis(q_BTNH.reshape(b, num, block, n, h), 1, 0)
   out_MBCNH = jax.lax.map(
-      lambda xs: attend(xs[0], k_BSKH, v_BSKH, key_mask_BS, xs[1]),
+      lambda xs: attend(xs[0], k_BSGH, v_BSGH, key_mask_BS, xs[1]),
       (q_MBCNH, q_slot_T.reshape(num, block)))
   return jnp.moveaxis(out_MBCNH, 0, 1).reshape(b, num * block, n, h)[:, :t]
 
@@ -133,7 +133,7 @@ def _platform(mesh) -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def splash_attend(q_BTNH, k_BTKH, v_BTKH, mask_BT, *, block: int = SPLASH_BLOCK,
+def splash_attend(q_BTNH, k_BTGH, v_BTGH, mask_BT, *, block: int = SPLASH_BLOCK,
                   interpret: bool | None = None):
   """Causal self-attention over ``T`` tokens (no cache) with the Pallas splash kernel.
 
@@ -144,13 +144,13 @@ def splash_attend(q_BTNH, k_BTKH, v_BTKH, mask_BT, *, block: int = SPLASH_BLOCK,
   KV heads divide by it (else every shard computes all heads).
 
   Args:
-    q_BTNH, k_BTKH, v_BTKH: queries, keys and values (N a multiple of K).
+    q_BTNH, k_BTGH, v_BTGH: queries, keys and values (N a multiple of G).
     mask_BT: bool, True for real tokens.
     block: tile size of the kernel (query and key blocks), rounded down to fit short inputs.
     interpret: run the kernel in Pallas' interpreter; default: unless the target is a TPU.
   """
   b, t, n, h = q_BTNH.shape
-  k_heads = k_BTKH.shape[2]
+  k_heads = k_BTGH.shape[2]
   mesh = mesh_lib.current_mesh()
   if interpret is None:
     interpret = _platform(mesh) != "tpu"
@@ -160,32 +160,32 @@ def splash_attend(q_BTNH, k_BTKH, v_BTKH, mask_BT, *, block: int = SPLASH_BLOCK,
   # The kernel takes no scale: fold it into q (in float32, then back to the compute dtype).
   q_BTNH = (q_BTNH.astype(jnp.float32) * h**-0.5).astype(q_BTNH.dtype)
   q_BNTH = jnp.swapaxes(pad(q_BTNH), 1, 2)
-  k_BKTH = jnp.swapaxes(pad(k_BTKH), 1, 2)
-  v_BKTH = jnp.swapaxes(pad(v_BTKH), 1, 2)
+  k_BGTH = jnp.swapaxes(pad(k_BTGH), 1, 2)
+  v_BGTH = jnp.swapaxes(pad(v_BTGH), 1, 2)
   segment_BT = pad(mask_BT.astype(jnp.int32))
   sizes = splash.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
       block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
 
-  def local(q_BNTH, k_BKTH, v_BKTH, segment_BT):
+  def local(q_BNTH, k_BGTH, v_BGTH, segment_BT):
     heads = q_BNTH.shape[1]
     kernel = splash.make_splash_mha(
         mask=splash.MultiHeadMask([splash.CausalMask((t_pad, t_pad))] * heads),
         block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))
-    return jax.vmap(one)(q_BNTH, k_BKTH, v_BKTH, segment_BT)
+    return jax.vmap(one)(q_BNTH, k_BGTH, v_BGTH, segment_BT)
 
   if mesh is None:
-    out_BNTH = local(q_BNTH, k_BKTH, v_BKTH, segment_BT)
+    out_BNTH = local(q_BNTH, k_BGTH, v_BGTH, segment_BT)
   else:
     q_spec = mesh_lib.logical_to_spec(("batch", "heads", None, None), q_BNTH.shape, mesh)
-    kv_spec = mesh_lib.logical_to_spec(("batch", "kv_heads", None, None), k_BKTH.shape, mesh)
+    kv_spec = mesh_lib.logical_to_spec(("batch", "kv_heads", None, None), k_BGTH.shape, mesh)
     if q_spec[1] != kv_spec[1]:  # GQA groups must stay whole on a shard
       q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
     row_spec = jax.sharding.PartitionSpec(q_spec[0], None)
     out_BNTH = jax.shard_map(
         local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec), out_specs=q_spec,
-        check_vma=False)(q_BNTH, k_BKTH, v_BKTH, segment_BT)
+        check_vma=False)(q_BNTH, k_BGTH, v_BGTH, segment_BT)
   return jnp.swapaxes(out_BNTH, 1, 2)[:, :t].astype(q_BTNH.dtype)
 
 
@@ -210,13 +210,13 @@ class Attention(nnx.Module):
     dt = cfg.param_dtype
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q_DNH = param(rngs, (d, n, h), dt, ("embed", "heads", "head_dim"))
-    self.k_DKH = param(rngs, (d, k, h), dt, ("embed", "kv_heads", "head_dim"))
-    self.v_DKH = param(rngs, (d, k, h), dt, ("embed", "kv_heads", "head_dim"))
+    self.k_DGH = param(rngs, (d, k, h), dt, ("embed", "kv_heads", "head_dim"))
+    self.v_DGH = param(rngs, (d, k, h), dt, ("embed", "kv_heads", "head_dim"))
     self.o_NHD = param(rngs, (n, h, d), dt, ("heads", "head_dim", "embed"))
     if cfg.qkv_bias:
       self.q_bias_NH = param(None, (n, h), dt, ("heads", "head_dim"), init="zeros")
-      self.k_bias_KH = param(None, (k, h), dt, ("kv_heads", "head_dim"), init="zeros")
-      self.v_bias_KH = param(None, (k, h), dt, ("kv_heads", "head_dim"), init="zeros")
+      self.k_bias_GH = param(None, (k, h), dt, ("kv_heads", "head_dim"), init="zeros")
+      self.v_bias_GH = param(None, (k, h), dt, ("kv_heads", "head_dim"), init="zeros")
     if cfg.o_bias:
       self.o_bias_D = param(None, (d,), dt, ("embed",), init="zeros")
     if cfg.qk_norm:
@@ -227,39 +227,39 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD, positions_BT, inv_freq_h, kv: tuple | None, key_mask_BS, q_slot_T,
                index):
-    """Returns ``(out_BTD, (k_BSKH, v_BSKH))``; writes into ``kv`` at ``index`` if given.
+    """Returns ``(out_BTD, (k_BSGH, v_BSGH))``; writes into ``kv`` at ``index`` if given.
 
     ``key_mask_BS`` marks the filled key slots (with a cache: after this call's write) and
     ``q_slot_T`` the slot of each query; a query reads filled slots up to its own.
     """
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...])
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...])
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...])
+    k_BTGH = jnp.einsum("BTD,DGH->BTGH", x_BTD, self.k_DGH[...])
+    v_BTGH = jnp.einsum("BTD,DGH->BTGH", x_BTD, self.v_DGH[...])
     if self.cfg.qkv_bias:
       q_BTNH = q_BTNH + expand_to(self.q_bias_NH[...], 4)
-      k_BTKH = k_BTKH + expand_to(self.k_bias_KH[...], 4)
-      v_BTKH = v_BTKH + expand_to(self.v_bias_KH[...], 4)
+      k_BTGH = k_BTGH + expand_to(self.k_bias_GH[...], 4)
+      v_BTGH = v_BTGH + expand_to(self.v_bias_GH[...], 4)
     if self.cfg.qk_norm:
-      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+      q_BTNH, k_BTGH = self.q_norm(q_BTNH), self.k_norm(k_BTGH)
     q_BTNH = mesh_lib.shard(apply_rope(q_BTNH, positions_BT, inv_freq_h),
                             ("batch", "length", "heads", "head_dim"))
-    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq_h)
+    k_BTGH = apply_rope(k_BTGH, positions_BT, inv_freq_h)
     if kv is None:
-      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+      k_BSGH, v_BSGH = k_BTGH, v_BTGH
     else:
       start = (0, index, 0, 0)
-      k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
-      v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
-    k_BSKH = mesh_lib.shard(k_BSKH, _KV_AXES)
-    v_BSKH = mesh_lib.shard(v_BSKH, _KV_AXES)
+      k_BSGH = jax.lax.dynamic_update_slice(kv[0], k_BTGH.astype(kv[0].dtype), start)
+      v_BSGH = jax.lax.dynamic_update_slice(kv[1], v_BTGH.astype(kv[1].dtype), start)
+    k_BSGH = mesh_lib.shard(k_BSGH, _KV_AXES)
+    v_BSGH = mesh_lib.shard(v_BSGH, _KV_AXES)
     impl = resolve_impl(self.attention_impl)
     if impl == "einsum":
-      out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T)
+      out_BTNH = attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T)
     elif kv is None:
-      out_BTNH = splash_attend(q_BTNH, k_BSKH, v_BSKH, key_mask_BS)
+      out_BTNH = splash_attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS)
     else:
-      out_BTNH = attend_blocked(q_BTNH, k_BSKH, v_BSKH, key_mask_BS, q_slot_T)
+      out_BTNH = attend_blocked(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T)
     out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...])
     if self.cfg.o_bias:
       out_BTD = out_BTD + expand_to(self.o_bias_D[...], 3)
-    return out_BTD, (k_BSKH, v_BSKH)
+    return out_BTD, (k_BSGH, v_BSGH)

@@ -1,7 +1,7 @@
 """Building blocks: parameters with logical axes, RMSNorm, RoPE, SwiGLU.
 
 Shape key: B batch, T query length, S key length, D d_model, F d_ff,
-N query heads, K kv heads, G = N // K, H head dim, V vocab.
+N query heads, G kv heads, Q = N // G, H head dim, V vocab.
 """
 
 from __future__ import annotations
