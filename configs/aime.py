@@ -41,7 +41,7 @@ def get_config(variant: str | None = None):
   c.rollout.max_new_tokens = 8096
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
-  c.rollout.micro_batch = 64
+  c.rollout.slots = 64
 
   c.guidance.per_prompt = 1
 

@@ -52,7 +52,7 @@ def get_config(variant: str | None = None):
   c.rollout.max_new_tokens = 56  # A correct solution is at most 43 tokens with its end token.
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
-  c.rollout.micro_batch = 128  # All on-policy rows of a step in one decode loop.
+  c.rollout.slots = 128  # All on-policy rows of a step decoded at once.
   # One bucket that also holds prompt + a whole teacher solution (22 + 43 tokens): every step
   # has the same shapes, so sampling, scoring and the update compile once.
   c.rollout.prompt_buckets = (72,)

@@ -27,6 +27,6 @@ def get_config(variant: str | None = None):
   # that a KV cache is sharded 16 ways over rows and KV heads even for a few contexts.
   c.mesh.fsdp = 4
   c.mesh.tensor = 4
-  c.rollout.micro_batch = 16  # 4 prompts x 4 samples, or 16 guided rows, decoded at a time.
+  c.rollout.slots = 16  # Rows decoded at a time.
   c.train.micro_batch = 4  # One row per FSDP shard per micro-batch (640 rows: 160 micro-batches).
   return c

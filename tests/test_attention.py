@@ -33,8 +33,9 @@ def _qkv(b=2, t=11, n=4, k=2, h=16, seed=0):
 def test_splash_matches_einsum_on_real_tokens():
   q, k, v = _qkv()
   mask = jnp.asarray(np.array([[False] * 3 + [True] * 8, [True] * 9 + [False] * 2]))
-  ref = attention.attend(q, k, v, mask, jnp.arange(11))
-  out = attention.splash_attend(q, k, v, mask, interpret=True)
+  seg = mask.astype(jnp.int32)
+  ref = attention.attend(q, k, v, seg, seg, jnp.arange(11))
+  out = attention.splash_attend(q, k, v, seg, interpret=True)
   np.testing.assert_allclose(np.asarray(out)[np.asarray(mask)], np.asarray(ref)[np.asarray(mask)],
                              atol=2e-5)
 
@@ -43,9 +44,24 @@ def test_splash_multi_block_matches_einsum():
   """T = 300 with 128-token tiles: several query and key blocks, a padded last one."""
   q, k, v = _qkv(b=1, t=300, n=2, k=1)
   mask = jnp.ones((1, 300), bool).at[0, :5].set(False)
-  ref = attention.attend(q, k, v, mask, jnp.arange(300))
-  out = attention.splash_attend(q, k, v, mask, block=128, interpret=True)
+  seg = mask.astype(jnp.int32)
+  ref = attention.attend(q, k, v, seg, seg, jnp.arange(300))
+  out = attention.splash_attend(q, k, v, seg, block=128, interpret=True)
   np.testing.assert_allclose(np.asarray(out)[0, 5:], np.asarray(ref)[0, 5:], atol=2e-5)
+
+
+def test_packed_segments_attend_only_to_themselves():
+  """Three sequences packed in a row (and padding): each equals the sequence run alone."""
+  q, k, v = _qkv(b=1, t=12, n=4, k=2)
+  seg = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 0]])
+  packed = attention.attend(q, k, v, seg, seg, jnp.arange(12))
+  spans = [(0, 4), (4, 7), (7, 11)]
+  for a, b in spans:
+    one = jnp.ones((1, b - a), jnp.int32)
+    alone = attention.attend(q[:, a:b], k[:, a:b], v[:, a:b], one, one, jnp.arange(b - a))
+    np.testing.assert_allclose(packed[:, a:b], alone, atol=1e-6)
+  splash = attention.splash_attend(q, k, v, seg, interpret=True)
+  np.testing.assert_allclose(splash[:, :11], packed[:, :11], atol=2e-5)
 
 
 def _loss_and_grads(model, ids, mask):
@@ -91,8 +107,10 @@ def test_blocked_attention_matches_einsum_with_a_cache():
   q, k, v = _qkv(b=2, t=10, n=4, k=2)
   key_mask = jnp.asarray(np.random.RandomState(1).rand(2, 10) > 0.3).at[:, 0].set(True)
   q_slot = jnp.arange(3, 10)
-  ref = attention.attend(q[:, 3:], k, v, key_mask, q_slot)
-  out = attention.attend_blocked(q[:, 3:], k, v, key_mask, q_slot, block=3)
+  q_seg = jnp.ones((2, 7), jnp.int32)
+  k_seg = key_mask.astype(jnp.int32)
+  ref = attention.attend(q[:, 3:], k, v, q_seg, k_seg, q_slot)
+  out = attention.attend_blocked(q[:, 3:], k, v, q_seg, k_seg, q_slot, block=3)
   np.testing.assert_allclose(out, ref, atol=1e-6)
 
 

@@ -308,19 +308,36 @@ def test_token_mean_ignores_padding_and_honours_the_denominator():
 # ---------------------------------------------------------------- trust-region noise
 
 
-def test_trust_noise_is_reproducible_and_independent_of_batch_layout():
-  key, rows = jax.random.key(0), jnp.arange(6)
-  u = objectives.trust_noise(key, 3, rows, 10)
+def test_trust_noise_is_reproducible_and_independent_of_packing():
+  key = jax.random.key(0)
+  seq = jnp.repeat(jnp.arange(6)[:, None], 10, axis=1)
+  pos = jnp.tile(jnp.arange(10)[None], (6, 1))
+  u = objectives.trust_noise(key, 3, seq, pos)
   assert u.shape == (6, 10) and u.dtype == jnp.float32
   assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
-  np.testing.assert_array_equal(u, objectives.trust_noise(jax.random.key(0), 3, rows, 10))
-  np.testing.assert_array_equal(u[2:4], objectives.trust_noise(key, 3, rows[2:4], 10))
-  np.testing.assert_array_equal(u[:, :7], objectives.trust_noise(key, 3, rows, 7))
-  jitted = jax.jit(objectives.trust_noise, static_argnums=3)
-  np.testing.assert_array_equal(u, jitted(key, 3, rows, 10))
-  for other in (objectives.trust_noise(key, 4, rows, 10),
-                objectives.trust_noise(jax.random.key(1), 3, rows, 10)):
+  np.testing.assert_array_equal(u, objectives.trust_noise(jax.random.key(0), 3, seq, pos))
+  np.testing.assert_array_equal(u[2:4], objectives.trust_noise(key, 3, seq[2:4], pos[2:4]))
+  # Two sequences packed in one row draw what they draw alone.
+  packed = objectives.trust_noise(key, 3, jnp.asarray([[1] * 4 + [4] * 6]),
+                                  jnp.asarray([list(range(4)) + list(range(6))]))
+  np.testing.assert_array_equal(packed[0, :4], u[1, :4])
+  np.testing.assert_array_equal(packed[0, 4:], u[4, :6])
+  np.testing.assert_array_equal(u, jax.jit(objectives.trust_noise)(key, 3, seq, pos))
+  for other in (objectives.trust_noise(key, 4, seq, pos),
+                objectives.trust_noise(jax.random.key(1), 3, seq, pos)):
     assert np.mean(np.asarray(other) == np.asarray(u)) < 0.05
+
+
+def test_guidance_prefix_follows_the_cosine_and_leaves_out_the_stop_token():
+  response, stops = (5, 6, 7, 8, 2), (2,)
+  assert objectives.guidance_fraction(0, 40) == 1.0
+  assert objectives.guidance_fraction(40, 40) == 0.0
+  assert objectives.guidance_fraction(20, 40) == pytest.approx(0.5)
+  assert objectives.guidance_prefix(response, 1.0, stops) == (5, 6, 7, 8)
+  assert objectives.guidance_prefix(response, 0.5, stops) == (5, 6)
+  assert objectives.guidance_prefix(response, 0.0, stops) == ()
+  assert objectives.guidance_prefix((5, 6, 7), 1.0, stops) == (5, 6, 7)  # Truncated: nothing to drop.
+  assert objectives.guidance_prefix(response, 1.0, stops, max_tokens=3) == (5, 6, 7)
 
 
 # ---------------------------------------------------------------- config

@@ -106,16 +106,6 @@ def test_corrupted_latest_checkpoint_falls_back(checkpoints, tmp_path, caplog):
   assert "step 2" in caplog.text and "falling back to step 1" in caplog.text
 
 
-def test_guidance_prefix_follows_the_cosine_and_leaves_out_the_stop_token():
-  response, stops = (5, 6, 7, 8, 2), (2, 3)  # A generated response ends with its stop token.
-  assert train.guidance_fraction(0, 40) == 1.0 and train.guidance_fraction(40, 40) == 0.0
-  assert train.guidance_fraction(20, 40) == pytest.approx(0.5)
-  assert train.guidance_prefix(response, 1.0, stops) == (5, 6, 7, 8)
-  assert train.guidance_prefix(response, 0.5, stops) == (5, 6)
-  assert train.guidance_prefix(response, 0.0, stops) == ()
-  assert train.guidance_prefix((5, 6, 7), 1.0, stops) == (5, 6, 7)  # Truncated: nothing to drop.
-
-
 def test_bad_inputs(checkpoints, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint at"):
     train.setup(tiny_config(checkpoints, tmp_path, student__path=str(tmp_path / "missing")))

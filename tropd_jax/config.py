@@ -8,6 +8,7 @@ and the value that is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -15,8 +16,11 @@ from typing import Any
 import fsspec
 import jax
 import ml_collections
+import optax
 
+from tropd_jax.mesh import MeshConfig
 from tropd_jax.objectives import OBJECTIVES, ObjectiveConfig
+from tropd_jax.sampling.config import SamplerConfig
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -59,8 +63,17 @@ def defaults() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0  # 0 = no top-k filter.
-  c.rollout.micro_batch = 64  # Rows sampled at once (bounds the KV cache).
-  c.rollout.prompt_buckets = (256, 512, 1024)  # Prompt paddings; bounds prefill compiles.
+  c.rollout.slots = 64  # Rows decoded at once (global); a finished row's slot takes the next row.
+  c.rollout.prompt_buckets = (256, 512, 1024)  # Context paddings of prefill; bounds its compiles.
+  c.rollout.page_size = 64  # Tokens per page of the paged KV cache.
+  # Pages of the KV cache pool (global); 0 = every slot can hold a whole row (never preempts).
+  # Fewer pages hold more slots in the same memory: a row that cannot grow is put back in the
+  # queue and sampled again later, with the same tokens (per-row keys).
+  c.rollout.kv_pages = 0
+  c.rollout.chunk_steps = 64  # Decode steps per call between slot refills.
+  # Sampling copy of the weights: auto | replicated (over data/fsdp) | tensor (sharded over
+  # fsdp and tensor); auto replicates when the copy and the KV pages fit in HBM.
+  c.rollout.decode_layout = "auto"
 
   c.guidance = ml_collections.ConfigDict()
   c.guidance.per_prompt = 1  # Guided rollouts per prompt (used when objective.guidance).
@@ -94,6 +107,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.micro_batch = 32  # Rows per gradient-accumulation micro-batch.
   c.train.ppo_epochs = 1  # Updates per batch; >1 uses the PPO-clipped ratio.
   c.train.score_chunk = 512  # Positions per chunk of the vocabulary projection.
+  # Positions of a packed row (several sequences per row); 0 = the longest sequence a step can
+  # hold (largest prompt bucket + max_new_tokens), rounded up to a multiple of 128.
+  c.train.pack_length = 0
   c.train.max_bad_steps = 3  # Consecutive non-finite steps that stop the run.
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -120,17 +136,18 @@ _CHOICES = {
     "teacher.dtype": ("bfloat16", "float32"),
     "train.schedule": ("constant", "cosine"),
     "attention_impl": ("auto", "einsum", "splash"),
+    "rollout.decode_layout": ("auto", "replicated", "tensor"),
 }
 _POSITIVE = (
     "steps", "rollout.prompts_per_step", "rollout.num_samples", "rollout.max_new_tokens",
-    "rollout.micro_batch", "train.micro_batch", "train.ppo_epochs", "train.score_chunk",
+    "rollout.slots", "rollout.page_size", "rollout.chunk_steps", "train.micro_batch", "train.ppo_epochs", "train.score_chunk",
     "train.max_bad_steps", "checkpoint.every", "checkpoint.keep", "eval.k", "eval.max_new_tokens",
     "data.max_prompt_tokens", "log_every", "guidance.max_teacher_tokens",
 )
 _NON_NEGATIVE = (
     "train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps", "rollout.top_k",
     "rollout.temperature", "guidance.per_prompt", "eval.every", "eval.limit", "data.num_epochs",
-    "guidance.teacher_temperature", "eval.temperature",
+    "guidance.teacher_temperature", "eval.temperature", "rollout.kv_pages", "train.pack_length",
 )
 _REQUIRED = ("workdir", "student.path", "teacher.path", "data.train_path")
 
@@ -218,17 +235,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"data.max_prompt_tokens={config.data.max_prompt_tokens}."
     )
   objective_config(config)
-  rows = rows_per_step(config)
-  if rows % config.train.micro_batch:
+  pack = config.train.pack_length
+  longest = buckets[-1] + config.rollout.max_new_tokens
+  if pack and pack < longest:
     raise ValueError(
-        f"config field train.micro_batch={config.train.micro_batch} must divide the "
-        f"{rows} rollout rows of a step (prompts_per_step x (num_samples + guided))."
-    )
-  if config.rollout.micro_batch % config.rollout.num_samples:
-    raise ValueError(
-        f"config field rollout.micro_batch={config.rollout.micro_batch} must be a multiple of "
-        f"rollout.num_samples={config.rollout.num_samples}."
-    )
+        f"config field train.pack_length={pack} cannot hold the longest sequence of a step "
+        f"({longest} = rollout.prompt_buckets[-1] + rollout.max_new_tokens); raise it or set 0.")
   return config
 
 
@@ -241,7 +253,147 @@ def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
     raise ValueError(f"config field {e}") from None
 
 
-def rows_per_step(config: ml_collections.ConfigDict) -> int:
-  """Rollout rows per step: n on-policy (+ guided) responses for every prompt."""
-  guided = config.guidance.per_prompt if objective_config(config).guidance else 0
-  return config.rollout.prompts_per_step * (config.rollout.num_samples + guided)
+# --- Typed settings: the one place a config becomes what the run uses ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """One model of the run: checkpoint, master dtype, forward dtype, rematerialization."""
+
+  path: str
+  dtype: str
+  compute_dtype: str
+  remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """AdamW with global-norm clipping and a constant or cosine learning rate."""
+
+  lr: float
+  schedule: str
+  warmup_steps: int
+  steps: int
+  weight_decay: float
+  b1: float
+  b2: float
+  grad_clip: float
+
+  def learning_rate(self) -> optax.Schedule:
+    if self.schedule == "cosine":
+      return optax.warmup_cosine_decay_schedule(0.0, self.lr, max(self.warmup_steps, 1), self.steps)
+    if self.warmup_steps:
+      return optax.linear_schedule(0.0, self.lr, self.warmup_steps)
+    return optax.constant_schedule(self.lr)
+
+  def make(self) -> optax.GradientTransformation:
+    tx = optax.adamw(self.learning_rate(), b1=self.b1, b2=self.b2,
+                     weight_decay=self.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(self.grad_clip), tx) if self.grad_clip > 0 else tx
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  """What a step samples, and how the engine holds it."""
+
+  prompts_per_step: int
+  num_samples: int
+  guided_per_prompt: int  # 0 when the objective uses no guidance.
+  max_new_tokens: int
+  temperature: float
+  top_p: float
+  top_k: int
+  slots: int
+  prompt_buckets: tuple[int, ...]
+  page_size: int
+  kv_pages: int
+  chunk_steps: int
+  decode_layout: str
+  teacher_max_new_tokens: int
+  teacher_temperature: float
+  cache_dtype: str
+
+  @property
+  def rows_per_step(self) -> int:
+    """Rows of a step: n on-policy (+ guided) responses for every prompt."""
+    return self.prompts_per_step * (self.num_samples + self.guided_per_prompt)
+
+  @property
+  def max_sequence(self) -> int:
+    """The longest sequence a step can hold: a full prompt bucket and a whole response."""
+    return self.prompt_buckets[-1] + self.max_new_tokens
+
+  def sampler(self, *, stop_ids, pad_id: int, vocab_size: int, teacher: bool = False,
+              max_new_tokens: int | None = None, temperature: float | None = None,
+              top_p: float | None = None) -> SamplerConfig:
+    """The ``SamplerConfig`` of the student's rollouts, or of the teacher's guidance responses."""
+    if teacher:
+      max_new_tokens = max_new_tokens or self.teacher_max_new_tokens
+      temperature = self.teacher_temperature if temperature is None else temperature
+    return SamplerConfig(
+        max_new_tokens=max_new_tokens or self.max_new_tokens,
+        temperature=self.temperature if temperature is None else temperature,
+        top_p=self.top_p if top_p is None else top_p, top_k=self.top_k,
+        stop_ids=tuple(stop_ids), length_buckets=self.prompt_buckets,
+        micro_batch_size=self.slots, pad_id=pad_id, vocab_size=vocab_size,
+        cache_dtype=self.cache_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """The update: micro-batching, packing, chunked scoring."""
+
+  micro_batch: int
+  ppo_epochs: int
+  score_chunk: int
+  max_bad_steps: int
+  pack_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A validated run config as the typed settings every stage reads (see ``settings``)."""
+
+  workdir: str
+  seed: int
+  steps: int
+  mesh: MeshConfig
+  student: ModelSettings
+  teacher: ModelSettings
+  attention_impl: str
+  objective: ObjectiveConfig
+  optimizer: OptimizerSettings
+  rollout: RolloutSettings
+  train: TrainSettings
+  max_prompt_tokens: int
+
+
+def settings(config: ml_collections.ConfigDict) -> Settings:
+  """Validates ``config`` and returns its ``Settings``."""
+  validate(config)
+  c = config
+  objective = objective_config(c)
+  r, t = c.rollout, c.train
+  rollout = RolloutSettings(
+      prompts_per_step=r.prompts_per_step, num_samples=r.num_samples,
+      guided_per_prompt=c.guidance.per_prompt if objective.guidance else 0,
+      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+      top_k=r.top_k, slots=r.slots, prompt_buckets=tuple(int(b) for b in r.prompt_buckets),
+      page_size=r.page_size, kv_pages=r.kv_pages, chunk_steps=r.chunk_steps,
+      decode_layout=r.decode_layout, teacher_max_new_tokens=c.guidance.max_teacher_tokens,
+      teacher_temperature=c.guidance.teacher_temperature, cache_dtype=c.student.compute_dtype)
+  pack = t.pack_length or -(-rollout.max_sequence // 128) * 128
+  return Settings(
+      workdir=c.workdir, seed=c.seed, steps=c.steps, mesh=MeshConfig(**c.mesh),
+      student=ModelSettings(c.student.path, c.student.dtype, c.student.compute_dtype,
+                            c.student.remat),
+      teacher=ModelSettings(c.teacher.path, c.teacher.dtype, c.teacher.dtype),
+      attention_impl=c.attention_impl, objective=objective,
+      optimizer=OptimizerSettings(
+          lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps, steps=c.steps,
+          weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, grad_clip=t.grad_clip),
+      rollout=rollout,
+      train=TrainSettings(micro_batch=t.micro_batch, ppo_epochs=t.ppo_epochs,
+                          score_chunk=t.score_chunk, max_bad_steps=t.max_bad_steps,
+                          pack_length=pack),
+      max_prompt_tokens=c.data.max_prompt_tokens)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,9 @@ __all__ = [
     "Metrics",
     "ObjectiveConfig",
     "metric_means",
+    "guidance_fraction",
     "guidance_loss",
+    "guidance_prefix",
     "per_token_loss",
     "token_mean",
     "token_stats",
@@ -132,33 +134,54 @@ _PRESETS = {
 
 
 def trust_noise(
-    key: jax.Array, step: jax.Array | int, row_ids_B: jax.Array, num_positions: int
+    key: jax.Array, step: jax.Array | int, sequence_ids_BT: jax.Array, positions_BT: jax.Array
 ) -> jax.Array:
   """Uniform noise `u [B, T]` of the trust-region draw `M_t = [u_t < P_t]`.
 
-  Each value comes from `key` folded with the step, the row's global index and the position, so it
-  is the same however the batch is split over devices or micro-batches and on a resumed run, and
-  changes with the seed and the step.
+  Each value comes from `key` folded with the step, the sequence's index in the step and the
+  position in the sequence, so it is the same however sequences are packed into rows, split over
+  devices or micro-batches, and on a resumed run; it changes with the seed and the step.
 
   Args:
     key: the run's trust-region key (raw uint32 or typed).
     step: the training step.
-    row_ids_B: [B] int global index of each row in the step's batch.
-    num_positions: T.
+    sequence_ids_BT: [B, T] int index of each position's sequence in the step.
+    positions_BT: [B, T] int each position's index in its sequence.
 
   Returns:
     [B, T] float32 in [0, 1).
   """
   step_key = jax.random.fold_in(key, step)
 
-  def position_noise(row_key, position):
-    return jax.random.uniform(jax.random.fold_in(row_key, position))
+  def one(sequence_id, position):
+    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(step_key, sequence_id),
+                                                 position))
 
-  def row_noise(row_id):
-    row_key = jax.random.fold_in(step_key, row_id)
-    return jax.vmap(position_noise, in_axes=(None, 0))(row_key, jnp.arange(num_positions))
+  return jax.vmap(jax.vmap(one))(sequence_ids_BT, positions_BT)
 
-  return jax.vmap(row_noise)(row_ids_B)
+
+def guidance_fraction(step: int, total_steps: int) -> float:
+  """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (§4)."""
+  return (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+
+
+def guidance_prefix(response: Sequence[int], alpha: float, stop_ids: Sequence[int],
+                    max_tokens: int | None = None) -> tuple[int, ...]:
+  """``y^T[:⌊α·|y^T|⌋]`` of a teacher response, its closing stop tokens left out of ``y^T``.
+
+  A generated response ends with the end-of-turn token; a prefix that held it would have the
+  student continue past the end of the turn. Without it, a full prefix (α = 1 at step 0) leaves
+  the student to close the turn itself, as with a response read from the data. ``max_tokens``
+  caps the prefix, so that a guided row's response (prefix and continuation) fits the same
+  budget as any other row's.
+  """
+  end = len(response)
+  while end and response[end - 1] in stop_ids:
+    end -= 1
+  length = int(alpha * end)
+  if max_tokens is not None:
+    length = min(length, max_tokens)
+  return tuple(response[:length])
 
 
 def token_mean(

@@ -23,11 +23,11 @@ from tropd_jax import mesh as mesh_lib
 from tropd_jax.models.attention import KVCache
 from tropd_jax.sampling.config import SamplerConfig
 from tropd_jax.sampling.decode import cache_len, compile_counts, decode, prefill
-from tropd_jax.sampling.rollout import Rollout, ScoringInputs, concat_rollouts
+from tropd_jax.sampling.rollout import Rollout
 
 __all__ = [
-    "Generation", "Rollout", "Sampler", "SamplerConfig", "SamplerStats", "ScoringInputs",
-    "compile_counts", "concat_rollouts", "generate",
+    "Generation", "Rollout", "Sampler", "SamplerConfig", "SamplerStats", "compile_counts",
+    "generate",
 ]
 
 
@@ -125,16 +125,14 @@ class Sampler:
             config=cfg, n=n)
         out, _ = decode(self.graphdef, state, cache, first, first_logp, keys, tokens,
                         prompt_mask, prefix_mask, config=cfg, n=n)
-        outs.append(out if real_rows == per_mb * n else
-                    jax.tree.map(lambda x: x[:real_rows], out))
+        outs.append((out if real_rows == per_mb * n else
+                     jax.tree.map(lambda x: x[:real_rows], out)).to_host())
         lengths.append(p)
         # Decoding holds B = C·n rows; prefill's C-row cache is alive while it is replicated.
         cache_rows = per_mb * n + (per_mb if n > 1 else 0)
         cache_bytes = max(cache_bytes, KVCache.num_bytes(
             self.model.cfg, cache_rows, cache_len(cfg, p), cache_dtype))
-      result = concat_rollouts(outs, cfg.pad_id)
-      if len(outs) > 1 and self.mesh is not None:
-        result = jax.tree.map(put, result)
+      result = Rollout.concat(outs)
     self.stats = SamplerStats(
         rows=num_rows, micro_batches=len(outs), context_lengths=tuple(lengths),
         kv_cache_bytes=cache_bytes, compilations=compile_counts())
@@ -198,5 +196,4 @@ def generate(
       stop_ids=tuple(stop_ids), micro_batch_size=micro_batch_size,
   )
   rollout = Sampler(model, config, mesh=mesh).rollout(prompt_ids, seed=seed)
-  tokens, mask = jax.device_get((rollout.tokens, rollout.completion_mask))
-  return Generation([row[m].tolist() for row, m in zip(tokens, mask)], rollout)
+  return Generation(rollout.completion_ids, rollout)

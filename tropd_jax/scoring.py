@@ -24,6 +24,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from tropd_jax import mesh as mesh_lib
+
 # Positions per scan step. On one TPU v5p chip the student loss+grad at D=2048, V=151936 (bf16)
 # needs 0.3 GiB of temporaries at C=256, at T=8192 and T=32768 alike; C=128 runs 1.4x slower on
 # the CPU, C>=512 no faster with 2-4x the memory (benchmarks/loss_memory.py).
@@ -140,7 +142,11 @@ def teacher_scores_from_logits(
     raise ValueError(f"top_k={top_k} must be in [1, {logits_BTV.shape[-1]}) (the vocabulary).")
   logits_BTV = jax.lax.stop_gradient(logits_BTV)
   lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  topk_logits_BTK, topk_ids_BTK = jax.lax.top_k(logits_BTV, top_k)
+  # On a 2-D view: XLA:TPU lowers a rank-2 top-k to its TopK op, a rank-3 one to a full sort.
+  *lead, v = logits_BTV.shape
+  topk_logits, topk_ids = jax.lax.top_k(logits_BTV.reshape(-1, v), top_k)
+  topk_logits_BTK = topk_logits.reshape(*lead, top_k)
+  topk_ids_BTK = topk_ids.reshape(*lead, top_k)
   return TeacherScores(
       logp=_gather(logits_BTV, tokens_BT[..., None])[..., 0] - lse_BT,
       topk_ids=topk_ids_BTK.astype(jnp.int32),
@@ -259,6 +265,15 @@ def _scan_chunks(chunk_fn: Callable, inputs, chunk_size: int):
   return jax.tree.map(from_chunks, outputs)
 
 
+def _gathered(w_VD: jax.Array) -> jax.Array:
+  """The vocabulary matrix with its model-width axis whole (vocabulary rows stay sharded).
+
+  Constrained once before the chunk scan, so an FSDP-sharded matrix is gathered once per call
+  (and its gradient reduced once) instead of in every chunk.
+  """
+  return mesh_lib.shard(w_VD, ("vocab", None))
+
+
 def score_teacher(
     h_BTD: jax.Array,
     w_VD: jax.Array,
@@ -282,6 +297,7 @@ def score_teacher(
     `TeacherScores` with [B, T] and [B, T, K] fields.
   """
   h_BTD, w_VD = jax.lax.stop_gradient((h_BTD, w_VD))
+  w_VD = _gathered(w_VD)
 
   def chunk_scores(xs):
     h_BCD, tokens_BC = xs
@@ -322,6 +338,8 @@ def student_token_stats(
   Returns:
     `TokenStats` for every position.
   """
+
+  w_VD = _gathered(w_VD)
 
   @jax.checkpoint
   def chunk_stats(xs):

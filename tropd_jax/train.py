@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
+import threading
 import time
-from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from tropd_jax import batch as batch_lib
 from tropd_jax import checkpoint as ckpt_lib
 from tropd_jax import config as config_lib
 from tropd_jax import data as data_lib
 from tropd_jax import evaluate as evaluate_lib
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import metrics as metrics_lib
-from tropd_jax import models
+from tropd_jax import models, objectives
 from tropd_jax import train_step as ts
-from tropd_jax.sampler import Rollout, Sampler, SamplerConfig, concat_rollouts
+from tropd_jax.sampler import Rollout, Sampler, SamplerConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,7 @@ class Run:
   """Everything a run holds between steps."""
 
   config: ml_collections.ConfigDict
+  settings: config_lib.Settings
   mesh: jax.sharding.Mesh
   tokenizer: models.Tokenizer
   vocab_size: int
@@ -57,25 +57,17 @@ class Run:
   checkpointer: ckpt_lib.Checkpointer
   writer: metrics_lib.MetricsWriter
   key: jax.Array
+  phases: ts.Phases
+
+  @property
+  def teacher_params(self):
+    return nnx.state(self.teacher, nnx.Param)
 
 
-def guidance_fraction(step: int, total_steps: int) -> float:
-  """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (METHOD.md §4)."""
-  return (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
-
-
-def guidance_prefix(response: Sequence[int], alpha: float,
-                    stop_ids: Sequence[int]) -> tuple[int, ...]:
-  """``y^T[:⌊α·|y^T|⌋]`` of a teacher response, its closing stop tokens left out of ``y^T``.
-
-  A generated response ends with the end-of-turn token; a prefix that held it would have the
-  student continue past the end of the turn. Without it, a full prefix (α = 1 at step 0) leaves
-  the student to close the turn itself, as with a response read from the data.
-  """
-  end = len(response)
-  while end and response[end - 1] in stop_ids:
-    end -= 1
-  return tuple(response[: int(alpha * end)])
+def rollout_seed(seed: int, step: int) -> int:
+  """The sampler's seed of a step: the run's seed and the step mixed (rows are folded in later),
+  so different seeds sample different rollouts and a resumed step samples the same ones."""
+  return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] % 2**31)
 
 
 def to_host(x) -> np.ndarray:
@@ -99,10 +91,11 @@ def global_batch(stream: data_lib.PromptStream) -> list[data_lib.Prompt]:
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
-  """Validates the config, loads models and data, restores the latest checkpoint."""
-  config_lib.validate(config)
+  """Validates the config, loads models and data, restores the latest checkpoint, builds phases."""
+  settings = config_lib.settings(config)
   config_lib.save_run_config(config)
-  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**config.mesh))
+  mesh = mesh_lib.make_mesh(settings.mesh)
+  _check_batch_axes(settings, mesh)
   t_tok = models.load_tokenizer(config.teacher.path)
   s_tok = models.load_tokenizer(config.student.path)
   vocab_size = models.check_same_tokenizer(
@@ -120,17 +113,12 @@ def setup(config: ml_collections.ConfigDict) -> Run:
                                    attention_impl=config.attention_impl)
   teacher = models.from_pretrained(config.teacher.path, dtype=config.teacher.dtype, mesh=mesh,
                                    attention_impl=config.attention_impl)
-  obj = config_lib.objective_config(config)
   teacher_cache = None
-  if obj.guidance and not config.data.teacher_response_key:
+  if settings.objective.guidance and not config.data.teacher_response_key:
     teacher_cache = data_lib.TeacherResponseCache(f"{config.workdir}/teacher_responses.jsonl")
 
-  tx = optimizer_from_config(config)
-  params = nnx.state(student, nnx.Param)
-  opt_shardings = ts.opt_state_shardings(tx, params)
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  state = ts.TrainState(params, opt_state, mesh_lib.put(np.zeros((), np.int32), (), mesh))
+  tx = settings.optimizer.make()
+  state = ts.init_state(tx, nnx.state(student, nnx.Param), mesh)
   checkpointer = ckpt_lib.Checkpointer(
       f"{config.workdir}/checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
@@ -142,44 +130,33 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     stream.restore(meta["data"])
     log.info("resumed from step %d in %s", step, config.workdir)
   nnx.update(student, state.params)
-  return Run(config, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache, state,
-             checkpointer, metrics_lib.MetricsWriter(config.workdir), key)
+  phases = ts.build_phases(
+      settings, mesh, student_graphdef=nnx.graphdef(student),
+      teacher_graphdef=nnx.graphdef(teacher), state_shardings=ts.state_shardings(state),
+      vocab_size=vocab_size)
+  return Run(config, settings, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache,
+             state, checkpointer, metrics_lib.MetricsWriter(config.workdir), key, phases)
 
 
-def optimizer_from_config(config):
-  """The run's optax transformation (AdamW, clipping, schedule) from ``config.train``."""
-  t = config.train
-  return ts.make_optimizer(lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
-                           steps=config.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-                           grad_clip=t.grad_clip)
+def _check_batch_axes(settings: config_lib.Settings, mesh) -> None:
+  """Rows of a micro-batch must split evenly over the devices that hold different rows."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if settings.train.micro_batch % shards:
+    raise ValueError(
+        f"config field train.micro_batch={settings.train.micro_batch} must be a multiple of the "
+        f"{shards} devices of the mesh's data x fsdp axes (each holds different rows).")
 
 
-def sampler_config(config, *, stop_ids, pad_id: int, vocab_size: int, max_new_tokens=None,
-                   temperature=None) -> SamplerConfig:
-  """The run's sampler settings (``config.rollout``); the teacher's guidance overrides two."""
-  r = config.rollout
-  return SamplerConfig(
-      max_new_tokens=max_new_tokens or r.max_new_tokens,
-      temperature=r.temperature if temperature is None else temperature,
-      top_p=r.top_p, top_k=r.top_k, stop_ids=tuple(stop_ids),
-      length_buckets=tuple(r.prompt_buckets), micro_batch_size=r.micro_batch,
-      pad_id=pad_id, vocab_size=vocab_size, cache_dtype=config.student.compute_dtype)
+def _sampler_config(run: Run, *, teacher: bool = False, **overrides) -> SamplerConfig:
+  """The rollout (or teacher-response) sampler settings with the run's tokenizer and vocabulary."""
+  return run.settings.rollout.sampler(stop_ids=run.tokenizer.stop_ids,
+                                      pad_id=run.tokenizer.pad_id, vocab_size=run.vocab_size,
+                                      teacher=teacher, **overrides)
 
 
-def _run_sampler_config(run: Run, **overrides) -> SamplerConfig:
-  """``sampler_config`` with the run's tokenizer and vocabulary."""
-  return sampler_config(run.config, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
-                        vocab_size=run.vocab_size, **overrides)
-
-
-def _compute_model(model: models.Transformer, dtype: str) -> models.Transformer:
-  """``model`` itself if it is in ``dtype``, else a cast copy for sampling (same shardings)."""
-  if model.cfg.dtype == dtype:
-    return model
-  graphdef, state = nnx.split(model)
-  cast = jax.jit(lambda s: jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, s))
-  return nnx.merge(graphdef, cast(state))
+def sampling_student(run: Run) -> models.Transformer:
+  """The student in the compute dtype and the sampler's layout (one jitted copy per call)."""
+  return nnx.merge(nnx.graphdef(run.student), run.phases.to_sampler(run.state.params))
 
 
 def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[int, ...]]:
@@ -188,53 +165,91 @@ def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[in
     return [p.teacher_ids for p in prompts]
   missing = [p for p in prompts if run.teacher_cache.get(p.index) is None]
   if missing:
-    cfg = run.config
-    sampler = Sampler(run.teacher, _run_sampler_config(
-        run, max_new_tokens=cfg.guidance.max_teacher_tokens,
-        temperature=cfg.guidance.teacher_temperature), mesh=run.mesh)
-    rollout = sampler.rollout([p.ids for p in missing], n=1, seed=cfg.seed + 1)
-    tokens, mask = to_host(rollout.tokens), to_host(rollout.completion_mask)
-    run.teacher_cache.add({p.index: row[m].tolist() for p, row, m in zip(missing, tokens, mask)})
+    sampler = Sampler(run.teacher, _sampler_config(run, teacher=True), mesh=run.mesh)
+    rollout = sampler.rollout([p.ids for p in missing], n=1, seed=run.config.seed + 1)
+    run.teacher_cache.add({p.index: rollout.completion(i).tolist()
+                           for i, p in enumerate(missing)})
   return [run.teacher_cache.get(p.index) for p in prompts]
 
 
 def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout, dict]:
   """On-policy rollouts (n per prompt) plus guided ones; rows prompt-major, guided last."""
-  cfg = run.config
-  obj = config_lib.objective_config(cfg)
-  model = _compute_model(run.student, cfg.student.compute_dtype)
-  sampler = Sampler(model, _run_sampler_config(run), mesh=run.mesh)
+  s = run.settings
+  r = s.rollout
+  sampler = Sampler(sampling_student(run), _sampler_config(run), mesh=run.mesh)
   ids = [p.ids for p in prompts]
-  n = cfg.rollout.num_samples
-  rollouts = [sampler.rollout(ids, n=n, seed=step)]
+  seed = rollout_seed(s.seed, step)
+  rollouts = [sampler.rollout(ids, n=r.num_samples, seed=seed)]
   info = {"sampler/kv_cache_gib": sampler.stats.kv_cache_bytes / 2**30}
-  if obj.guidance and cfg.guidance.per_prompt:
-    alpha = guidance_fraction(step, cfg.steps)
-    prefixes = [guidance_prefix(r, alpha, run.tokenizer.stop_ids)
-                for r in teacher_responses(run, prompts)]
-    rollouts.append(sampler.rollout(ids, prefixes, n=cfg.guidance.per_prompt, seed=step,
-                                    row_offset=len(ids) * n))
+  if r.guided_per_prompt:
+    alpha = objectives.guidance_fraction(step, s.steps)
+    # A guided row's response (prefix + continuation) has the budget of any other row.
+    prefixes = [objectives.guidance_prefix(y, alpha, run.tokenizer.stop_ids,
+                                           max_tokens=r.max_new_tokens - 1)
+                for y in teacher_responses(run, prompts)]
+    guided = Sampler(sampling_student(run), _sampler_config(
+        run, max_new_tokens=max(r.max_new_tokens - max(map(len, prefixes)), 1)), mesh=run.mesh)
+    rollouts.append(guided.rollout(ids, prefixes, n=r.guided_per_prompt, seed=seed,
+                                   row_offset=len(ids) * r.num_samples))
     info["guidance/alpha"] = alpha
   info["sampler/compilations"] = sampler.stats.num_compilations
-  return concat_rollouts(rollouts, run.tokenizer.pad_id), info
+  return Rollout.concat(rollouts), info
 
 
-def to_batch(rollout: Rollout, mesh) -> ts.Batch:
-  s = rollout.shifted()
-  rows = s.inputs.shape[0]
-  batch = ts.Batch(inputs=s.inputs, targets=s.targets, input_mask=s.input_mask,
-                   completion_mask=s.completion_mask, prefix_mask=s.prefix_mask,
-                   row_ids=jnp.arange(rows, dtype=jnp.int32), sampler_logp=s.sampler_logp)
-  return jax.device_put(batch, ts.batch_shardings(batch, mesh))
-
-
-def rollout_metrics(rollout: Rollout) -> dict:
-  lengths = rollout.lengths.astype(jnp.float32)
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
   return {
-      "rollout/response_length": jnp.mean(lengths),
-      "rollout/truncation_rate": jnp.mean(rollout.truncated.astype(jnp.float32)),
-      "rollout/prefix_length": jnp.mean(rollout.prefix_lengths.astype(jnp.float32)),
+      "rollout/response_length": float(np.mean(rollout.lengths)),
+      "rollout/truncation_rate": float(np.mean(rollout.truncated)),
+      "rollout/prefix_length": float(np.mean(rollout.prefix_lengths)),
   }
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched update whose results are read after the next step has started."""
+
+  step: int
+  metrics: dict
+  scalars: dict
+  times: dict
+  watcher: threading.Thread
+
+
+def dispatch_update(run: Run, rollout: Rollout) -> tuple[dict, dict, dict, threading.Thread]:
+  """Packs ``rollout``, dispatches teacher scoring and the update; does not wait for them.
+
+  Returns the update's metrics (device arrays), host-side scalars, a dict the watcher thread
+  fills with the times at which scoring and the update finished, and that thread.
+  """
+  s, phases = run.settings, run.phases
+  batch, stats = batch_lib.pack(rollout, length=s.train.pack_length,
+                                rows_multiple=s.train.micro_batch, pad_id=run.tokenizer.pad_id)
+  micro = [ts.put_batch(mb, run.mesh) for mb in batch.micro_batches(s.train.micro_batch)]
+  denominator = np.float32(max(int(batch.loss_mask.sum()), 1))
+  with jax.set_mesh(run.mesh):
+    teacher = [phases.score(run.teacher_params, mb) for mb in micro]
+    old = ([phases.logp(run.state.params, mb) for mb in micro] if s.train.ppo_epochs > 1
+           else [None] * len(micro))
+    for _ in range(s.train.ppo_epochs):
+      acc = phases.zeros(run.state.params)
+      for mb, scores, old_logp in zip(micro, teacher, old):
+        acc = phases.accumulate(acc, run.state.params, mb, scores, run.key, run.state.step,
+                                denominator, old_logp)
+      run.state, metrics = phases.apply(run.state, *acc)
+  times = {}
+
+  def watch():
+    jax.block_until_ready(teacher[-1])
+    times["scored"] = time.perf_counter()
+    jax.block_until_ready(metrics)
+    times["updated"] = time.perf_counter()
+
+  watcher = threading.Thread(target=watch, daemon=True)
+  watcher.start()
+  scalars = {"train/padding_ratio": stats.padding_ratio, "train/packed_rows": stats.rows,
+             "train/micro_batches": len(micro), "tokens": float(denominator),
+             "train/compilations": sum(phases.compilations().values())}
+  return metrics, scalars, times, watcher
 
 
 def evaluate_student(run: Run, step: int) -> dict:
@@ -242,10 +257,9 @@ def evaluate_student(run: Run, step: int) -> dict:
   cfg = run.config
   problems = evaluate_lib.load_problems(cfg.eval.path, cfg.data.prompt_key, cfg.data.answer_key,
                                         cfg.eval.limit or None)
-  model = _compute_model(run.student, cfg.student.compute_dtype)
   generate_fn = evaluate_lib.sampler_generate_fn(
-      model, run.tokenizer, run.mesh, cfg.eval.max_new_tokens, cfg.eval.temperature,
-      micro_batch_size=min(cfg.rollout.micro_batch, len(problems)))
+      sampling_student(run), run.tokenizer, run.mesh, cfg.eval.max_new_tokens,
+      cfg.eval.temperature, micro_batch_size=min(cfg.rollout.slots, len(problems)))
   result = evaluate_lib.evaluate(generate_fn, run.tokenizer, problems, k=cfg.eval.k,
                                  out_jsonl=f"{cfg.workdir}/eval/step_{step}.samples.jsonl",
                                  seed=cfg.seed)
@@ -259,33 +273,14 @@ def _eval_scalars(result: dict) -> dict[str, float]:
           "eval/response_tokens": result["mean_response_tokens"]}
 
 
-class _Phases:
-  """Jitted scoring and update functions, built once per run."""
-
-  def __init__(self, run: Run):
-    cfg, mesh = run.config, run.mesh
-    t = cfg.train
-    obj = config_lib.objective_config(cfg)
-    compute = jnp.dtype(cfg.student.compute_dtype)
-    common = dict(chunk_size=t.score_chunk, vocab_size=run.vocab_size, micro_batch=t.micro_batch)
-    t_graph, self.teacher_params = nnx.graphdef(run.teacher), nnx.state(run.teacher, nnx.Param)
-    s_graph = nnx.graphdef(run.student)
-    with jax.set_mesh(mesh):
-      self.score = jax.jit(ts.make_teacher_scorer(t_graph, top_k=obj.top_k, **common,
-                                                  compute_dtype=jnp.dtype(cfg.teacher.dtype)))
-      self.student_logp = jax.jit(ts.make_student_logp(s_graph, **common, compute_dtype=compute))
-      shardings = ts.state_shardings(run.state)
-      self.update = jax.jit(
-          ts.make_train_step(s_graph, optimizer_from_config(cfg), obj, **common,
-                             compute_dtype=compute),
-          out_shardings=(shardings, None), donate_argnums=(0,))
-
-
 def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) a distillation; returns the last step's metrics.
 
   With ``eval.path`` set, the student is evaluated before the first step, every
   ``eval.every`` steps and after the last; the before/after table is printed.
+
+  The host stays ahead of the chips: a step's scoring and update are dispatched without
+  waiting, and their metrics are read and logged once the next step's rollouts are drawn.
 
   Args:
     config: the run's config (validated here).
@@ -294,65 +289,69 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   """
   run = setup(config)
   cfg = run.config
-  phases = _Phases(run)
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
   start = int(run.state.step)
   bar = metrics_lib.ProgressBar(cfg.steps, initial_step=start)
-  bad_steps, last = 0, {}
+  state = {"bad_steps": 0, "last": {}}
   evals = {}
+  pending: _Pending | None = None
   if start == 0 and cfg.eval.path:
     evals[0] = evaluate_student(run, 0)
     run.writer.write(0, _eval_scalars(evals[0]))
+
+  def finish(p: _Pending) -> None:
+    """Reads a dispatched step's metrics, logs them, stops on repeated non-finite steps."""
+    p.watcher.join()
+    scalars = {k: float(v) for k, v in jax.device_get(p.metrics).items()}
+    scalars.update(p.scalars)
+    t = p.times
+    scalars["time/score_s"] = t["scored"] - t["dispatched"]
+    scalars["time/train_s"] = t["updated"] - t["scored"]
+    scalars["tokens_per_s/score"] = scalars["tokens"] / max(scalars["time/score_s"], 1e-9)
+    scalars["tokens_per_s/train"] = scalars["tokens"] / max(scalars["time/train_s"], 1e-9)
+    if scalars["finite"] < 1:
+      state["bad_steps"] += 1
+      scalars["nonfinite_steps"] = state["bad_steps"]
+      log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row).",
+                  p.step, state["bad_steps"])
+      if state["bad_steps"] >= cfg.train.max_bad_steps:
+        run.writer.write(p.step + 1, scalars)
+        raise NonFiniteLossError(
+            f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last: "
+            f"step {p.step}); lower train.lr or check the data. Checkpoints up to step "
+            f"{run.checkpointer.manager.latest_step()} are intact.")
+    else:
+      state["bad_steps"] = 0
+    if p.step + 1 in evals:
+      scalars.update(_eval_scalars(evals[p.step + 1]))
+    run.writer.write(p.step + 1, scalars)
+    bar.update(p.step + 1, scalars)
+    state["last"] = scalars
+
   try:
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
+    updated_at = time.perf_counter()
     for step in range(start, end):
       prompts = global_batch(run.stream)
       t0 = time.perf_counter()
       rollout, info = sample(run, prompts, step)
-      batch = to_batch(rollout, run.mesh)
-      jax.block_until_ready(batch)
       t1 = time.perf_counter()
-      with jax.set_mesh(run.mesh):
-        teacher = phases.score(phases.teacher_params, batch)
-        jax.block_until_ready(teacher)
-        t2 = time.perf_counter()
-        old_logp = (phases.student_logp(run.state.params, batch) if cfg.train.ppo_epochs > 1
-                    else None)
-        for _ in range(cfg.train.ppo_epochs):
-          run.state, step_metrics = phases.update(run.state, batch, teacher, run.key, old_logp)
-      nnx.update(run.student, run.state.params)
-      step_metrics = jax.device_get({**step_metrics, **rollout_metrics(rollout)})
-      t3 = time.perf_counter()
-      tokens = float(to_host(rollout.token_mask).sum())
-      generated = float(to_host(rollout.lengths).sum())
-      scalars = {k: float(v) for k, v in {**step_metrics, **info}.items()}
-      scalars.update({
-          "time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
-          "tokens_per_s/sample": generated / max(t1 - t0, 1e-9),
-          "tokens_per_s/score": tokens / max(t2 - t1, 1e-9),
-          "tokens_per_s/train": tokens / max(t3 - t2, 1e-9),
-      })
-      if scalars["finite"] < 1:
-        bad_steps += 1
-        scalars["nonfinite_steps"] = bad_steps
-        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row).",
-                    step, bad_steps)
-        if bad_steps >= cfg.train.max_bad_steps:
-          run.writer.write(step + 1, scalars)
-          raise NonFiniteLossError(
-              f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
-              f"{step}); lower train.lr or check the data. Checkpoints up to step "
-              f"{run.checkpointer.manager.latest_step()} are intact.")
-      else:
-        bad_steps = 0
+      if pending is not None:
+        finish(pending)
+        updated_at = pending.times["updated"]
+      metrics, scalars, times, watcher = dispatch_update(run, rollout)
+      times["dispatched"] = t1
+      # Sampling time excludes waiting for the previous step's update to finish.
+      sample_s = t1 - max(t0, updated_at)
+      scalars.update(info)
+      scalars.update(rollout_metrics(rollout))
+      scalars.update({"time/sample_s": sample_s,
+                      "tokens_per_s/sample": float(rollout.lengths.sum()) / max(sample_s, 1e-9)})
+      pending = _Pending(step, metrics, scalars, times, watcher)
       if cfg.eval.path and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
                             or step + 1 == cfg.steps):
         evals[step + 1] = evaluate_student(run, step + 1)
-        scalars.update(_eval_scalars(evals[step + 1]))
-      run.writer.write(step + 1, scalars)
-      bar.update(step + 1, scalars)
-      last = scalars
       meta = {"data": run.stream.state(), "step": step + 1, "seed": cfg.seed}
       # Read the flag once: a signal that lands during the save is handled after the
       # next step, never reported as saved when this save was not forced.
@@ -362,6 +361,9 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
       if received is not None:
         log.warning("received signal %s: saved step %d, exiting.", received, step + 1)
         break
+    if pending is not None:
+      finish(pending)
+    nnx.update(run.student, run.state.params)
     if len(evals) > 1:
       print(evaluate_lib.format_summary_table({f"step {s}": e for s, e in evals.items()}))
     if jax.process_index() == 0:
@@ -373,4 +375,4 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
     run.checkpointer.close()
     run.writer.close()
     signal.signal(signal.SIGTERM, previous)
-  return last
+  return state["last"]

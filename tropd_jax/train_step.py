@@ -1,12 +1,18 @@
-"""The jitted phases of a step: teacher scoring, and the student update.
+"""Every jitted phase of a training step, built once: scoring, gradients, the update, the hand-off.
 
-Shape key: R rollout rows in the step, M micro-batches, B rows per micro-batch
-(R = M·B), L positions (a rollout row minus its last token), K teacher top-k.
+``build_phases`` returns the phases a step runs, each jitted once with explicit shardings and
+donation; ``train``, ``aot`` and ``export`` all use these same functions (``aot`` feeds them
+abstract shapes from ``abstract_state`` and ``abstract_batch``):
 
-Both phases are pure functions of arrays, built once per run by
-``make_teacher_scorer`` / ``make_train_step`` and jitted with explicit
-shardings; the update donates the training state. Parameters are kept in
-their master dtype (float32) and cast to the compute dtype inside the step.
+  score        teacher scores of one packed micro-batch (no gradient)            ``[B, T(, K)]``
+  logp         the student's log-prob of each target (``ppo_epochs > 1`` only)   ``[B, T]``
+  accumulate   adds one micro-batch's gradient and metric sums to the accumulators (donated)
+  apply        clips and applies the summed gradient (state donated); skips a non-finite step
+  to_sampler   the student's weights in the compute dtype and the sampler's layout
+
+Micro-batches are dispatched one by one from the host, so a step may hold any number of them
+(packing makes it vary) without a new compilation. Parameters stay in their master dtype and
+are cast to the compute dtype inside each phase. Shape key: tropd_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -17,37 +23,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from tropd_jax import mesh as mesh_lib
-from tropd_jax import objectives, scoring
-from tropd_jax.objectives import ObjectiveConfig
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Batch:
-  """The rows a step trains on, aligned for next-token prediction.
-
-  Attributes:
-    inputs: [R, L] int32 tokens fed to the models (a rollout row without its last token).
-    targets: [R, L] int32 the token each position predicts (the row shifted left by one).
-    input_mask: [R, L] bool real input tokens (padding is never attended to).
-    completion_mask: [R, L] bool targets the student sampled.
-    prefix_mask: [R, L] bool targets from a teacher prefix (off-policy guidance).
-    row_ids: [R] int32 global row index (keys the trust-region noise).
-    sampler_logp: [R, L] float32 the sampler's log-prob of each sampled target (0 elsewhere);
-      compared with the training forward pass to log the rollout/train mismatch.
-  """
-
-  inputs: jax.Array
-  targets: jax.Array
-  input_mask: jax.Array
-  completion_mask: jax.Array
-  prefix_mask: jax.Array
-  row_ids: jax.Array
-  sampler_logp: jax.Array
+from tropd_jax import models, objectives, scoring
+from tropd_jax.batch import Batch
+from tropd_jax.config import Settings
 
 
 @jax.tree_util.register_dataclass
@@ -60,140 +43,82 @@ class TrainState:
   step: jax.Array
 
 
-def make_optimizer(*, lr: float, schedule: str, warmup_steps: int, steps: int,
-                   weight_decay: float, b1: float, b2: float, grad_clip: float):
-  """AdamW with global-norm clipping and a constant or cosine learning rate."""
-  if schedule == "cosine":
-    lr_schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), steps)
-  elif warmup_steps:
-    lr_schedule = optax.linear_schedule(0.0, lr, warmup_steps)
-  else:
-    lr_schedule = optax.constant_schedule(lr)
-  tx = optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
-
-
-def _split_micro(tree, micro_batch: int):
-  """[R, ...] leaves -> [M, B, ...] with B = micro_batch."""
-  def split(x):
-    if x.shape[0] % micro_batch:
-      raise ValueError(f"{x.shape[0]} rows do not divide into micro-batches of {micro_batch}.")
-    return x.reshape(x.shape[0] // micro_batch, micro_batch, *x.shape[1:])
-  return jax.tree.map(split, tree)
-
-
-def _merge_micro(tree):
-  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+def cast(tree, dtype):
+  """Floating leaves of ``tree`` in ``dtype`` (arrays or ShapeDtypeStructs)."""
+  def one(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree.map(one, tree)
 
 
 def _rows_sharded(tree):
-  """Rows over the batch mesh axes, as the step's batch (else XLA may replicate the outputs)."""
+  """Rows over the batch mesh axes (else XLA may replicate a phase's outputs)."""
   return jax.tree.map(lambda x: mesh_lib.shard(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
 
 
-def _cast(params, dtype):
-  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                      params)
+def _hidden(graphdef, params, mb: Batch, compute_dtype):
+  model = nnx.merge(graphdef, cast(params, compute_dtype))
+  h_BTD, _ = model.hidden(mb.inputs, positions_BT=mb.positions, segment_ids_BT=mb.segment_ids)
+  return h_BTD, model.head_weight()
 
 
-def _hidden(graphdef, params, batch: Batch, compute_dtype):
-  model = nnx.merge(graphdef, _cast(params, compute_dtype))
-  h_BLD, _ = model.hidden(batch.inputs, mask_BT=batch.input_mask)
-  return h_BLD, model.head_weight()
+# --- The phases as pure functions ---------------------------------------------------------------
 
 
-def make_teacher_scorer(graphdef, *, top_k: int, chunk_size: int, vocab_size: int,
-                        micro_batch: int, compute_dtype=jnp.bfloat16) -> Callable:
-  """``score(params, batch) -> TeacherScores [R, L(, K)]``: no gradient, micro-batched."""
-
-  def score_one(params, mb: Batch) -> scoring.TeacherScores:
-    h_BLD, w_VD = _hidden(graphdef, params, mb, compute_dtype)
-    return scoring.score_teacher(h_BLD, w_VD, mb.targets, top_k=top_k, chunk_size=chunk_size,
-                                 vocab_size=vocab_size)
-
-  def score(params, batch: Batch) -> scoring.TeacherScores:
-    params = jax.lax.stop_gradient(params)
-    scores = jax.lax.map(lambda mb: score_one(params, mb), _split_micro(batch, micro_batch))
-    return _rows_sharded(_merge_micro(scores))
-
-  return score
+def teacher_scores(graphdef, params, mb: Batch, *, top_k: int, chunk_size: int, vocab_size: int,
+                   compute_dtype) -> scoring.TeacherScores:
+  """The teacher's view of every position of a micro-batch (no gradient)."""
+  params = jax.lax.stop_gradient(params)
+  h_BTD, w_VD = _hidden(graphdef, params, mb, compute_dtype)
+  return _rows_sharded(scoring.score_teacher(h_BTD, w_VD, mb.targets, top_k=top_k,
+                                             chunk_size=chunk_size, vocab_size=vocab_size))
 
 
-def make_student_logp(graphdef, *, chunk_size: int, vocab_size: int, micro_batch: int,
-                      compute_dtype=jnp.bfloat16) -> Callable:
-  """``logp(params, batch) -> [R, L]``: the training model's log-prob of each target (no grad).
-
-  The rollout-time ``s̄_t`` for updates after the first when ``ppo_epochs > 1``.
-  """
-
-  def one(params, mb: Batch):
-    h_BLD, w_VD = _hidden(graphdef, params, mb, compute_dtype)
-    return scoring.score_teacher(h_BLD, w_VD, mb.targets, top_k=1, chunk_size=chunk_size,
-                                 vocab_size=vocab_size).logp
-
-  def logp(params, batch: Batch):
-    params = jax.lax.stop_gradient(params)
-    return _rows_sharded(
-        _merge_micro(jax.lax.map(lambda mb: one(params, mb), _split_micro(batch, micro_batch))))
-
-  return logp
+def student_logp(graphdef, params, mb: Batch, *, chunk_size: int, vocab_size: int,
+                 compute_dtype) -> jax.Array:
+  """[B, T] the training model's log-prob of each target: ``s̄_t`` of later PPO epochs."""
+  params = jax.lax.stop_gradient(params)
+  h_BTD, w_VD = _hidden(graphdef, params, mb, compute_dtype)
+  return _rows_sharded(scoring.score_teacher(h_BTD, w_VD, mb.targets, top_k=1,
+                                             chunk_size=chunk_size, vocab_size=vocab_size).logp)
 
 
-def make_train_step(graphdef, tx, obj_cfg: ObjectiveConfig, *, chunk_size: int, vocab_size: int,
-                    micro_batch: int, compute_dtype=jnp.bfloat16) -> Callable:
-  """``step(state, batch, teacher, key, old_logp) -> (state, metrics)``.
+def micro_loss(graphdef, params, mb: Batch, teacher: scoring.TeacherScores, key, step,
+               denominator, old_logp_BT, *, obj: objectives.ObjectiveConfig, chunk_size: int,
+               vocab_size: int, compute_dtype) -> tuple[jax.Array, objectives.Metrics]:
+  """One micro-batch's share of the step's token-mean loss, and its metric sums."""
+  h_BTD, w_VD = _hidden(graphdef, params, mb, compute_dtype)
+  stats = scoring.student_token_stats(
+      h_BTD, w_VD, mb.targets, teacher, mb.completion_mask, mb.prefix_mask,
+      chunk_size=chunk_size, vocab_size=vocab_size)
+  u_BT = objectives.trust_noise(key, step, mb.sequence_ids, mb.positions)
+  loss_BT, metrics = objectives.per_token_loss(stats, u_BT, obj, old_logp_BT)
+  gap_BT = jnp.abs(mb.sampler_logp - jax.lax.stop_gradient(stats.student_logp))
+  metrics["rollout/logp_mismatch"] = (jnp.sum(jnp.where(mb.completion_mask, gap_BT, 0.0)),
+                                      jnp.sum(mb.completion_mask, dtype=jnp.int32))
+  return objectives.token_mean(loss_BT, mb.loss_mask, denominator), metrics
 
-  Gradients are accumulated over micro-batches of ``micro_batch`` rows with a
-  token-mean over the whole step. A non-finite loss or gradient leaves
-  ``params`` and ``opt_state`` unchanged and reports ``finite = 0``.
-  """
 
-  def micro_loss(params, mb: Batch, teacher: scoring.TeacherScores, u_BL, old_logp_BL,
-                 denominator):
-    h_BLD, w_VD = _hidden(graphdef, params, mb, compute_dtype)
-    stats = scoring.student_token_stats(
-        h_BLD, w_VD, mb.targets, teacher, mb.completion_mask, mb.prefix_mask,
-        chunk_size=chunk_size, vocab_size=vocab_size)
-    loss_BL, metrics = objectives.per_token_loss(stats, u_BL, obj_cfg, old_logp_BL)
-    gap_BL = jnp.abs(mb.sampler_logp - jax.lax.stop_gradient(stats.student_logp))
-    metrics["rollout/logp_mismatch"] = (jnp.sum(jnp.where(mb.completion_mask, gap_BL, 0.0)),
-                                        jnp.sum(mb.completion_mask, dtype=jnp.int32))
-    return objectives.token_mean(loss_BL, stats.loss_mask, denominator), metrics
+def apply_update(tx: optax.GradientTransformation, state: TrainState, grads, metrics):
+  """Applies the summed gradient; a non-finite loss or gradient leaves the state unchanged."""
+  means = objectives.metric_means(metrics)
+  loss = sum(v for k, v in means.items() if k.startswith("loss/"))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(keep(new_params, state.params), keep(new_opt, state.opt_state),
+                         state.step + 1)
+  means.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
+  return new_state, means
 
-  grad_fn = jax.grad(micro_loss, has_aux=True)
 
-  def step(state: TrainState, batch: Batch, teacher: scoring.TeacherScores, key, old_logp_RL):
-    u_RL = objectives.trust_noise(key, state.step, batch.row_ids, batch.targets.shape[1])
-    denominator = jnp.maximum(jnp.sum(batch.completion_mask | batch.prefix_mask), 1)
-    micro = _split_micro((batch, teacher, u_RL, old_logp_RL), micro_batch)
-
-    def accumulate(carry, xs):
-      grads, metrics = carry
-      mb, mb_teacher, u_BL, old_BL = xs
-      g, m = grad_fn(state.params, mb, mb_teacher, u_BL, old_BL, denominator)
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
-
-    first = jax.tree.map(lambda x: x[0], micro)
-    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    zero_metrics = jax.tree.map(
-        jnp.zeros_like, jax.eval_shape(lambda: micro_loss(state.params, *first, denominator)[1]))
-    (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), micro)
-
-    means = objectives.metric_means(metrics)
-    loss = sum(v for k, v in means.items() if k.startswith("loss/"))
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(keep(new_params, state.params), keep(new_opt, state.opt_state),
-                           state.step + 1)
-    means.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
-                 tokens=denominator.astype(jnp.float32))
-    return new_state, means
-
-  return step
+# --- Abstract shapes and shardings --------------------------------------------------------------
 
 
 def opt_state_shardings(tx, params) -> Any:
@@ -210,12 +135,142 @@ def opt_state_shardings(tx, params) -> Any:
       transform_non_params=lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def state_shardings(state: TrainState):
+def abstract_params(cfg: models.ModelConfig, mesh, **kwargs):
+  """``(graphdef, params)`` of a model: parameters as sharded ShapeDtypeStructs (no memory)."""
+  graphdef, state = nnx.split(models.abstract_model(cfg, **kwargs))
+  state = jax.tree.map(
+      lambda var, sharding: var.replace(
+          jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)),
+      state, models.param_shardings(state, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, nnx.state(state, nnx.Param) if isinstance(state, nnx.State) else state
+
+
+def abstract_state(tx, params) -> TrainState:
+  """The ``TrainState`` of ``params`` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs."""
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  as_sds = jax.tree.map(lambda x: sds(x, x.sharding), params)
+  opt = jax.tree.map(sds, jax.eval_shape(tx.init, as_sds), opt_state_shardings(tx, as_sds))
+  mesh = jax.tree.leaves(opt)[0].sharding.mesh
+  step = jax.ShapeDtypeStruct((), jnp.int32,
+                              sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return TrainState(as_sds, opt, step)
+
+
+def init_state(tx, params, mesh) -> TrainState:
+  """A fresh ``TrainState``: the optimizer state sharded like the parameters."""
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params))(params)
+  return TrainState(params, opt_state, mesh_lib.put(np.zeros((), np.int32), (), mesh))
+
+
+def state_shardings(state: TrainState) -> TrainState:
   return jax.tree.map(lambda x: x.sharding, state)
 
 
-def batch_shardings(batch_like, mesh) -> Any:
-  """Rows over the batch mesh axes for every field of a Batch / TeacherScores pytree."""
+def batch_shardings(mesh, batch_like=None):
+  """Rows over the batch mesh axes for every field of a ``Batch`` / ``TeacherScores``."""
+  batch_like = batch_like if batch_like is not None else Batch.zeros(1, 1)
   return jax.tree.map(
-      lambda x: mesh_lib.named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh),
-      batch_like)
+      lambda x: mesh_lib.named_sharding(("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x),
+                                        mesh), batch_like)
+
+
+def abstract_batch(rows: int, length: int, mesh) -> Batch:
+  """A ``Batch`` ``[rows, length]`` of ShapeDtypeStructs with the run's shardings."""
+  return Batch(**{
+      name: jax.ShapeDtypeStruct(
+          (rows, length), dtype,
+          sharding=mesh_lib.named_sharding(("batch", None), (rows, length), mesh))
+      for name, dtype in Batch.dtypes().items()})
+
+
+def put_batch(batch: Batch, mesh) -> Batch:
+  """A host ``Batch`` on the mesh, rows over the batch axes."""
+  return Batch(**{f.name: mesh_lib.put(getattr(batch, f.name), ("batch", None), mesh)
+                  for f in dataclasses.fields(Batch)})
+
+
+# --- The phase builder --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Phases:
+  """The jitted phases of a run (see the module docstring); each compiles once."""
+
+  score: Callable
+  logp: Callable
+  zeros: Callable
+  accumulate: Callable
+  apply: Callable
+  to_sampler: Callable
+  tx: optax.GradientTransformation
+
+  def jitted(self) -> dict[str, Callable]:
+    return {"score": self.score, "logp": self.logp, "zeros": self.zeros,
+            "accumulate": self.accumulate, "apply": self.apply, "to_sampler": self.to_sampler}
+
+  def compilations(self) -> dict[str, int]:
+    """Programs compiled so far by each phase (1 each once a step has run)."""
+    return {name: fn._cache_size() for name, fn in self.jitted().items()}
+
+
+def build_phases(settings: Settings, mesh, *, student_graphdef, teacher_graphdef,
+                 state_shardings: TrainState, vocab_size: int,
+                 sampler_shardings=None) -> Phases:
+  """Jits every phase of a step once, with its shardings and donation.
+
+  Args:
+    settings: the run's settings.
+    mesh: the device mesh.
+    student_graphdef, teacher_graphdef: ``nnx.graphdef`` of the two models.
+    state_shardings: the ``TrainState``'s shardings (a tree of NamedShardings).
+    vocab_size: the tokenizer's vocabulary (rows beyond it get no probability).
+    sampler_shardings: shardings of the sampler's copy of the student's weights (the decode
+      layout); None: the parameters' own.
+  """
+  t, obj = settings.train, settings.objective
+  compute = jnp.dtype(settings.student.compute_dtype)
+  common = dict(chunk_size=t.score_chunk, vocab_size=vocab_size)
+  tx = settings.optimizer.make()
+  param_shardings = state_shardings.params
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def zeros(params):
+    """Zero accumulators: float32 gradients like the parameters, and every metric's sums."""
+    grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    shapes = jax.eval_shape(lambda: micro_loss(
+        student_graphdef, params, Batch.zeros(1, 1), _zero_scores(obj.top_k),
+        jax.random.key_data(jax.random.key(0)), 0, 1.0, None, obj=obj, compute_dtype=compute,
+        **common)[1])
+    return grads, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  grad_fn = jax.grad(micro_loss, argnums=1, has_aux=True)
+
+  def accumulate(acc, params, mb, teacher, key, step, denominator, old_logp_BT):
+    grads, metrics = acc
+    g, m = grad_fn(student_graphdef, params, mb, teacher, key, step, denominator, old_logp_BT,
+                   obj=obj, compute_dtype=compute, **common)
+    return jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)
+
+  grad_shardings = param_shardings
+  with jax.set_mesh(mesh):
+    return Phases(
+        score=jax.jit(lambda params, mb: teacher_scores(
+            teacher_graphdef, params, mb, top_k=obj.top_k, compute_dtype=jnp.dtype(
+                settings.teacher.dtype), **common)),
+        logp=jax.jit(lambda params, mb: student_logp(student_graphdef, params, mb,
+                                                     compute_dtype=compute, **common)),
+        zeros=jax.jit(zeros, out_shardings=(grad_shardings, replicated)),
+        accumulate=jax.jit(accumulate, out_shardings=(grad_shardings, replicated),
+                           donate_argnums=(0,)),
+        apply=jax.jit(lambda state, grads, metrics: apply_update(tx, state, grads, metrics),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+        to_sampler=jax.jit(lambda params: cast(params, compute),
+                           out_shardings=sampler_shardings or param_shardings),
+        tx=tx)
+
+
+def _zero_scores(top_k: int) -> scoring.TeacherScores:
+  return scoring.TeacherScores(
+      logp=jnp.zeros((1, 1)), topk_ids=jnp.zeros((1, 1, top_k), jnp.int32),
+      topk_logp=jnp.zeros((1, 1, top_k)), tail_logp=jnp.zeros((1, 1)), entropy=jnp.zeros((1, 1)))

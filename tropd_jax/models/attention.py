@@ -86,21 +86,27 @@ class KVCache:
     return done_B[:, None] + jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
 
 
-def allowed_slots(key_mask_BS, q_slot_T):
-  """bool ``[B, T, S]``: query t may read slot s if s is filled and not after t's own slot."""
-  k_slot_S = jnp.arange(key_mask_BS.shape[1])
-  return key_mask_BS[:, None, :] & (k_slot_S[None, :] <= q_slot_T[:, None])[None]
+def allowed_slots(q_segment_BT, k_segment_BS, q_slot_T):
+  """bool ``[B, T, S]``: query t may read key slot s if s holds a token (segment > 0) of the
+  query's own segment, at or before the query's slot ``q_slot_T[t]``."""
+  k_slot_S = jnp.arange(k_segment_BS.shape[1])
+  same_BTS = (q_segment_BT[:, :, None] == k_segment_BS[:, None, :]) & (k_segment_BS > 0)[:, None]
+  return same_BTS & (k_slot_S[None, :] <= q_slot_T[:, None])[None]
 
 
-def attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T):
-  """Softmax attention with grouped heads; logits and softmax in float32 (the reference)."""
+def attend(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T):
+  """Softmax attention with grouped heads; logits and softmax in float32 (the reference).
+
+  Segments (int, 0 = empty slot) keep packed sequences apart: a query reads only its own
+  segment's keys, causally by slot.
+  """
   b, t, n, h = q_BTNH.shape
-  k_heads = k_BSGH.shape[2]
-  q_BTGQH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h)
+  g = k_BSGH.shape[2]
+  q_BTGQH = q_BTNH.reshape(b, t, g, n // g, h)
   logits_BGQTS = jnp.einsum(
       "BTGQH,BSGH->BGQTS", q_BTGQH, k_BSGH, preferred_element_type=jnp.float32
   ) * (h**-0.5)
-  allowed_BTS = allowed_slots(key_mask_BS, q_slot_T)
+  allowed_BTS = allowed_slots(q_segment_BT, k_segment_BS, q_slot_T)
   logits_BGQTS = jnp.where(
       allowed_BTS[:, None, None], logits_BGQTS, jnp.finfo(jnp.float32).min
   )
@@ -112,19 +118,22 @@ def attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T):
   return out_BTGQH.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-def attend_blocked(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T, block: int = QUERY_BLOCK):
+def attend_blocked(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T,
+                   block: int = QUERY_BLOCK):
   """``attend`` over blocks of ``block`` queries (``lax.map``): logits are ``[B, G, Q, block, S]``."""
   b, t, n, h = q_BTNH.shape
   if t <= block:
-    return attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T)
+    return attend(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T)
   num = -(-t // block)
   pad = num * block - t
   q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q_segment_BT = jnp.pad(q_segment_BT, ((0, 0), (0, pad)))
   q_slot_T = jnp.pad(q_slot_T, (0, pad), constant_values=-1)
   q_MBCNH = jnp.moveaxis(q_BTNH.reshape(b, num, block, n, h), 1, 0)
+  seg_MBC = jnp.moveaxis(q_segment_BT.reshape(b, num, block), 1, 0)
   out_MBCNH = jax.lax.map(
-      lambda xs: attend(xs[0], k_BSGH, v_BSGH, key_mask_BS, xs[1]),
-      (q_MBCNH, q_slot_T.reshape(num, block)))
+      lambda xs: attend(xs[0], k_BSGH, v_BSGH, xs[1], k_segment_BS, xs[2]),
+      (q_MBCNH, seg_MBC, q_slot_T.reshape(num, block)))
   return jnp.moveaxis(out_MBCNH, 0, 1).reshape(b, num * block, n, h)[:, :t]
 
 
@@ -133,19 +142,20 @@ def _platform(mesh) -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def splash_attend(q_BTNH, k_BTGH, v_BTGH, mask_BT, *, block: int = SPLASH_BLOCK,
+def splash_attend(q_BTNH, k_BTGH, v_BTGH, segment_ids_BT, *, block: int = SPLASH_BLOCK,
                   interpret: bool | None = None):
   """Causal self-attention over ``T`` tokens (no cache) with the Pallas splash kernel.
 
-  Padding (``mask_BT`` False) is a separate segment: real tokens never attend to it. Padded
-  queries attend among padding only; their outputs are meaningless (as with ``attend``).
+  Tokens attend within their segment only (packed sequences); padding (segment 0) is a segment
+  of its own that real tokens never read. Padded queries attend among padding only; their
+  outputs are meaningless (as with ``attend``).
   ``T`` is padded up to a multiple of the kernel tile. Under a mesh the kernel runs per shard
   (``shard_map``): rows over the batch axes, heads over ``tensor`` when both the query and the
   KV heads divide by it (else every shard computes all heads).
 
   Args:
     q_BTNH, k_BTGH, v_BTGH: queries, keys and values (N a multiple of G).
-    mask_BT: bool, True for real tokens.
+    segment_ids_BT: int, the sequence each token belongs to (0: padding).
     block: tile size of the kernel (query and key blocks), rounded down to fit short inputs.
     interpret: run the kernel in Pallas' interpreter; default: unless the target is a TPU.
   """
@@ -162,7 +172,7 @@ def splash_attend(q_BTNH, k_BTGH, v_BTGH, mask_BT, *, block: int = SPLASH_BLOCK,
   q_BNTH = jnp.swapaxes(pad(q_BTNH), 1, 2)
   k_BGTH = jnp.swapaxes(pad(k_BTGH), 1, 2)
   v_BGTH = jnp.swapaxes(pad(v_BTGH), 1, 2)
-  segment_BT = pad(mask_BT.astype(jnp.int32))
+  segment_BT = pad(segment_ids_BT.astype(jnp.int32))
   sizes = splash.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
       block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
@@ -225,12 +235,13 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.attention_impl = attention_impl
 
-  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv: tuple | None, key_mask_BS, q_slot_T,
-               index):
+  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv: tuple | None, q_segment_BT,
+               k_segment_BS, q_slot_T, index):
     """Returns ``(out_BTD, (k_BSGH, v_BSGH))``; writes into ``kv`` at ``index`` if given.
 
-    ``key_mask_BS`` marks the filled key slots (with a cache: after this call's write) and
-    ``q_slot_T`` the slot of each query; a query reads filled slots up to its own.
+    ``k_segment_BS`` gives the segment of each key slot (0: empty; with a cache: after this
+    call's write), ``q_segment_BT`` each query's and ``q_slot_T`` its slot: a query reads the
+    filled slots of its own segment up to its own slot.
     """
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...])
     k_BTGH = jnp.einsum("BTD,DGH->BTGH", x_BTD, self.k_DGH[...])
@@ -254,11 +265,11 @@ class Attention(nnx.Module):
     v_BSGH = mesh_lib.shard(v_BSGH, _KV_AXES)
     impl = resolve_impl(self.attention_impl)
     if impl == "einsum":
-      out_BTNH = attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T)
+      out_BTNH = attend(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T)
     elif kv is None:
-      out_BTNH = splash_attend(q_BTNH, k_BSGH, v_BSGH, key_mask_BS)
+      out_BTNH = splash_attend(q_BTNH, k_BSGH, v_BSGH, k_segment_BS)
     else:
-      out_BTNH = attend_blocked(q_BTNH, k_BSGH, v_BSGH, key_mask_BS, q_slot_T)
+      out_BTNH = attend_blocked(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T)
     out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...])
     if self.cfg.o_bias:
       out_BTD = out_BTD + expand_to(self.o_bias_D[...], 3)

@@ -33,10 +33,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.param_dtype)
     self.mlp = SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv, key_mask_BS, q_slot_T, index):
-    attn_BTD, kv = self.attn(
-        self.attn_norm(x_BTD), positions_BT, inv_freq_h, kv, key_mask_BS, q_slot_T, index
-    )
+  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv, q_segment_BT, k_segment_BS, q_slot_T,
+               index):
+    attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq_h, kv, q_segment_BT,
+                             k_segment_BS, q_slot_T, index)
     x_BTD = mesh_lib.shard(x_BTD + attn_BTD, _ACT_AXES)
     x_BTD = mesh_lib.shard(x_BTD + self.mlp(self.mlp_norm(x_BTD)), _ACT_AXES)
     return x_BTD, kv
@@ -74,6 +74,7 @@ class Transformer(nnx.Module):
       *,
       positions_BT: jax.Array | None = None,
       mask_BT: jax.Array | None = None,
+      segment_ids_BT: jax.Array | None = None,
       cache: KVCache | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states ``[B, T, D]`` and the updated cache.
@@ -82,15 +83,23 @@ class Transformer(nnx.Module):
       tokens_BT: int32 token ids.
       positions_BT: RoPE positions; default: count of real tokens before each.
       mask_BT: True for real tokens, False for padding (never attended to).
+      segment_ids_BT: int, without a cache only: several sequences packed in a row, each a
+        segment (1, 2, ...; 0 for padding) that attends only to itself. Give ``positions_BT``
+        (each sequence's own) with it.
       cache: if given, the tokens are written at ``cache.index`` and attend to
         every filled slot before them; the returned cache has ``index + T``.
     """
     b, t = tokens_BT.shape
+    if segment_ids_BT is not None:
+      if cache is not None or positions_BT is None:
+        raise ValueError("segment_ids_BT needs positions_BT and no cache.")
+      mask_BT = segment_ids_BT > 0
     if mask_BT is None:
       mask_BT = jnp.ones((b, t), bool)
     mask_BT = mask_BT.astype(bool)
     if cache is None:
-      key_mask_BS = mask_BT
+      q_segment_BT = k_segment_BS = (mask_BT.astype(jnp.int32) if segment_ids_BT is None
+                                     else segment_ids_BT.astype(jnp.int32))
       q_slot_T = jnp.arange(t)
       index = None
       if positions_BT is None:
@@ -100,6 +109,8 @@ class Transformer(nnx.Module):
         positions_BT = jnp.maximum(cache.positions(mask_BT), 0)
       index = cache.index
       key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, mask_BT, (0, index))
+      q_segment_BT = jnp.ones((b, t), jnp.int32)
+      k_segment_BS = key_mask_BS.astype(jnp.int32)
       q_slot_T = index + jnp.arange(t)
     inv_freq_h = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
 
@@ -110,8 +121,8 @@ class Transformer(nnx.Module):
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BTD, (k, v) = run_block(
-          block, x_BTD, positions_BT, inv_freq_h, kv, key_mask_BS, q_slot_T, index)
+      x_BTD, (k, v) = run_block(block, x_BTD, positions_BT, inv_freq_h, kv, q_segment_BT,
+                                k_segment_BS, q_slot_T, index)
       new_k.append(k)
       new_v.append(v)
     h_BTD = self.final_norm(x_BTD)

@@ -27,7 +27,7 @@ from flax import nnx
 from tropd_jax import mesh as mesh_lib
 from tropd_jax.models.attention import KVCache
 from tropd_jax.sampling.config import SamplerConfig
-from tropd_jax.sampling.rollout import Rollout
+from tropd_jax.sampling.rollout import PaddedRollout
 
 _KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 _ROW_AXES = ("batch", "length")
@@ -236,7 +236,7 @@ def decode(graphdef, state, cache: KVCache, first_B, first_logp_B, row_keys_B, t
                                   for x in (tokens_CP, prompt_mask_CP, prefix_mask_CP))
   none_BN = jnp.zeros((b, steps), bool)
   row = lambda a, z: mesh_lib.shard(jnp.concatenate([a, z], axis=1), _ROW_AXES)
-  rollout = Rollout(
+  rollout = PaddedRollout(
       tokens=row(jnp.where(prompt_BP | prefix_BP, ctx_BP, config.pad_id), tokens_BN),
       prompt_mask=row(prompt_BP, none_BN),
       prefix_mask=row(prefix_BP, none_BN),

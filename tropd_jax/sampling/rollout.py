@@ -13,15 +13,17 @@ RoPE position it had while sampling (its count of real tokens before it).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Rollout:
-  """A batch of sampled sequences.
+class PaddedRollout:
+  """A batch of sampled sequences in one padded ``[B, L]`` layout (the decode loop's output).
 
   Attributes:
     tokens: int32 [B, L] token ids; ``pad_id`` at padding slots.
@@ -60,6 +62,23 @@ class Rollout:
   @property
   def prefix_lengths(self) -> jax.Array:
     return jnp.sum(self.prefix_mask, axis=1, dtype=jnp.int32)
+
+  def to_host(self) -> Rollout:
+    """The ragged host ``Rollout`` of these rows (gathered from every process)."""
+    from jax.experimental import multihost_utils
+
+    get = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)
+                               if not x.is_fully_addressable else jax.device_get(x))
+    tokens, prompt, prefix, completion, logp, stopped = map(get, (
+        self.tokens, self.prompt_mask, self.prefix_mask, self.completion_mask, self.logp,
+        self.stopped))
+    real = prompt | prefix | completion
+    return Rollout(
+        tokens=tuple(t[m].astype(np.int32) for t, m in zip(tokens, real)),
+        prompt_lengths=prompt.sum(1).astype(np.int32),
+        prefix_lengths=prefix.sum(1).astype(np.int32),
+        logp=tuple(lp[m].astype(np.float32) for lp, m in zip(logp, completion)),
+        stopped=stopped.astype(bool))
 
   def shifted(self) -> ScoringInputs:
     """The next-token-prediction view the trainer and the teacher score."""
@@ -111,28 +130,52 @@ class ScoringInputs:
     return jnp.maximum(jnp.cumsum(self.input_mask, axis=1, dtype=jnp.int32) - 1, 0)
 
 
-def pad_to_length(rollout: Rollout, length: int, pad_id: int = 0) -> Rollout:
-  """Right-pads every ``[B, L]`` field to ``[B, length]`` (padding slots: masks False)."""
-  extra = length - rollout.tokens.shape[1]
-  if extra < 0:
-    raise ValueError(f"cannot pad a rollout of length {rollout.tokens.shape[1]} to {length}.")
-  if extra == 0:
-    return rollout
-  pad = lambda x, value: jnp.pad(x, ((0, 0), (0, extra)), constant_values=value)
-  return dataclasses.replace(
-      rollout,
-      tokens=pad(rollout.tokens, pad_id),
-      prompt_mask=pad(rollout.prompt_mask, False),
-      prefix_mask=pad(rollout.prefix_mask, False),
-      completion_mask=pad(rollout.completion_mask, False),
-      logp=pad(rollout.logp, 0.0),
-  )
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """Sampled sequences on the host, one per request, in request order.
 
+  Attributes:
+    tokens: per row, int32 [T_r]: its prompt, forced prefix and completion (a final stop id
+      included), no padding.
+    prompt_lengths: int32 [R] prompt tokens of each row.
+    prefix_lengths: int32 [R] forced-prefix tokens (a teacher response's start; 0 if none).
+    logp: per row, float32 [completion length]: the sampler's log-prob of each drawn token (the
+      log-softmax of the temperature-scaled, top-k/top-p filtered logits it was drawn from).
+    stopped: bool [R] the row ended with a stop id; False: it used its whole budget.
+  """
 
-def concat_rollouts(rollouts: list[Rollout], pad_id: int = 0) -> Rollout:
-  """Stacks rollouts along rows, right-padding to the longest ``L`` (e.g. on-policy + guided)."""
-  length = max(r.tokens.shape[1] for r in rollouts)
-  padded = [pad_to_length(r, length, pad_id) for r in rollouts]
-  if len(padded) == 1:
-    return padded[0]
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *padded)
+  tokens: tuple[np.ndarray, ...]
+  prompt_lengths: np.ndarray
+  prefix_lengths: np.ndarray
+  logp: tuple[np.ndarray, ...]
+  stopped: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """int32 [R] completion lengths."""
+    return np.asarray([len(lp) for lp in self.logp], np.int32)
+
+  @property
+  def truncated(self) -> np.ndarray:
+    """bool [R] rows that used their whole budget without a stop id."""
+    return ~self.stopped
+
+  def completion(self, r: int) -> np.ndarray:
+    return self.tokens[r][self.prompt_lengths[r] + self.prefix_lengths[r]:]
+
+  @property
+  def completion_ids(self) -> list[list[int]]:
+    return [self.completion(r).tolist() for r in range(len(self))]
+
+  @classmethod
+  def concat(cls, rollouts: Sequence[Rollout]) -> Rollout:
+    """The rows of ``rollouts`` one after the other (e.g. on-policy, then guided)."""
+    return cls(
+        tokens=tuple(t for r in rollouts for t in r.tokens),
+        prompt_lengths=np.concatenate([r.prompt_lengths for r in rollouts]),
+        prefix_lengths=np.concatenate([r.prefix_lengths for r in rollouts]),
+        logp=tuple(lp for r in rollouts for lp in r.logp),
+        stopped=np.concatenate([r.stopped for r in rollouts]))
