@@ -24,7 +24,8 @@ Decode attention implementations (``impl``):
               of pages); compiled by Mosaic on TPU, run in Pallas' TPU interpret mode elsewhere
               (slow: tests only). It rounds keys and values to bfloat16 inside, whatever the
               pool's dtype.
-  ``auto``    ``pallas`` when compiling for a TPU, else ``xla``.
+  ``auto``    ``pallas`` when compiling for a TPU (and H is a multiple of 128, which Mosaic
+              needs for the kernel), else ``xla``.
 """
 
 from __future__ import annotations
@@ -271,12 +272,16 @@ def write_prefill(pages_GPZH, new_BTGH, page_table_BP, start_B, mask_BT):
       pages)
 
 
-def resolve_impl(impl: str) -> str:
-  """``xla`` or ``pallas``: ``auto`` picks ``pallas`` when compiling for a TPU."""
+def resolve_impl(impl: str, head_dim: int) -> str:
+  """``xla`` or ``pallas``: ``auto`` picks ``pallas`` when compiling for a TPU and it can.
+
+  Mosaic compiles the kernel only for a head dim that is a multiple of 128.
+  """
   if impl not in PAGED_IMPLS:
     raise ValueError(f"paged attention impl={impl!r} is not one of {PAGED_IMPLS}.")
   if impl == "auto":
-    return "pallas" if attention._platform(mesh_lib.current_mesh()) == "tpu" else "xla"
+    tpu = attention._platform(mesh_lib.current_mesh()) == "tpu"
+    return "pallas" if tpu and head_dim % 128 == 0 else "xla"
   return impl
 
 
@@ -306,7 +311,6 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
   Returns:
     ``[B, N, H]`` in the dtype of ``q_BNH``.
   """
-  impl = resolve_impl(impl)
   q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP = map(
       jnp.asarray, (q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP))
   b, n, h = q_BNH.shape
@@ -317,6 +321,7 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
         f"paged_attention: queries {q_BNH.shape} [B, N, H] (N a multiple of G), lengths "
         f"{lengths_B.shape} [B] and pages {k_pages_GPZH.shape}, {v_pages_GPZH.shape} "
         "[G, P, Z, H] do not match.")
+  impl = resolve_impl(impl, h)
   width = page_table_BP.shape[1]
   pages_bucket = width if pages_bucket is None else pages_bucket
   if not isinstance(pages_bucket, int) or not 1 <= pages_bucket <= width:
@@ -329,12 +334,16 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
       most = max(1, PALLAS_BLOCK_TOKENS // z)
       pages_per_compute_block = max(d for d in range(1, pages_bucket + 1)
                                     if pages_bucket % d == 0 and d <= most)
-    if pages_bucket % pages_per_compute_block:
+    block = pages_per_compute_block
+    if not isinstance(block, int) or block < 1 or pages_bucket % block:
       raise ValueError(
           f"paged_attention: pages_per_compute_block={pages_per_compute_block} does not divide "
           f"the page-table width {pages_bucket}; pick a divisor of it.")
     if interpret is None:
       interpret = attention._platform(mesh_lib.current_mesh()) != "tpu"
+    if not interpret and h % 128:
+      raise ValueError(f"paged_attention: impl='pallas' compiles for TPU only with a head dim "
+                       f"that is a multiple of 128, not H={h}; use impl='xla' or 'auto'.")
     local = functools.partial(_attend_pallas, block_pages=pages_per_compute_block,
                               interpret=interpret)
   bucketed = lambda q, k, v, lengths, table: local(q, k, v, lengths, table[:, :pages_bucket])
@@ -372,12 +381,15 @@ def _attend_pallas(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP, 
   h = q_BNH.shape[-1]
   # The kernel takes no scale and computes in float32: fold the scale into a float32 query.
   q_BNH_f32 = q_BNH.astype(jnp.float32) * (h**-0.5)
+  # A length past the table would make the kernel read page indices beyond it; as the XLA
+  # path, read at most the table's tokens.
+  capacity = page_table_BP.shape[1] * k_pages_GPZH.shape[2]
+  lengths_B = jnp.minimum(lengths_B, capacity).astype(jnp.int32)
   mode = pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext()
   with mode:
     out_BNH = pallas_paged(
-        q_BNH_f32, k_pages_GPZH, v_pages_GPZH, lengths_B.astype(jnp.int32),
-        page_table_BP.astype(jnp.int32), pages_per_compute_block=block_pages,
-        megacore_mode=None)
+        q_BNH_f32, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP.astype(jnp.int32),
+        pages_per_compute_block=block_pages, megacore_mode=None)
   return out_BNH.astype(q_BNH.dtype)
 
 
