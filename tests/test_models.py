@@ -1,5 +1,6 @@
 """Models against transformers: logits parity, HF round trip, sharded loading, errors."""
 
+import dataclasses
 import json
 import os
 
@@ -75,8 +76,8 @@ def test_hidden_and_head_give_logits(tmp_path):
   make_hf_model(tmp_path, "qwen3", tie=True)
   model = models.from_pretrained(str(tmp_path), dtype="float32")
   ids, mask = _batch()
-  h_BTD, cache = model.hidden(jnp.asarray(ids), mask_BT=jnp.asarray(mask))
-  assert cache is None and h_BTD.shape == (3, 11, 32)
+  h_BTD, kv = model.hidden(jnp.asarray(ids), mask_BT=jnp.asarray(mask))
+  assert h_BTD.shape == (3, 11, 32) and len(kv) == model.cfg.num_layers
   w_VD = model.head_weight()
   assert w_VD.shape == (97, 32)
   np.testing.assert_allclose(
@@ -84,22 +85,27 @@ def test_hidden_and_head_give_logits(tmp_path):
       atol=1e-5)
 
 
-def test_kv_cache_prefill_then_decode_matches_full_forward(tmp_path):
+def test_paged_prefill_then_decode_matches_full_forward(tmp_path):
+  """Rows of different context lengths: prefill into pages, then decode token by token."""
   make_hf_model(tmp_path, "qwen2")
   model = models.from_pretrained(str(tmp_path), dtype="float32")
   ids, _ = _batch(t=10)
-  mask = np.ones_like(ids, bool)
-  mask[1, :3] = False  # a left-padded row
-  full = model(jnp.asarray(ids), mask_BT=jnp.asarray(mask))
-  cache = model.init_cache(batch=3, max_len=16)
-  h, cache = model.hidden(jnp.asarray(ids[:, :7]), mask_BT=jnp.asarray(mask[:, :7]), cache=cache)
-  steps = [model.logits(h)]
-  for t in range(7, 10):
-    h, cache = model.hidden(jnp.asarray(ids[:, t:t + 1]), cache=cache)
-    steps.append(model.logits(h))
-  assert int(cache.index) == 10
-  np.testing.assert_allclose(
-      np.concatenate(steps, axis=1)[mask], np.asarray(full)[mask], atol=1e-5)
+  contexts = np.array([7, 4, 6])
+  full = np.asarray(model(jnp.asarray(ids)))
+  cache = model.init_cache(num_pages=16, page_size=4, num_slots=3, max_pages_per_row=3)
+  table = np.array([[5, 2, 9], [1, 7, 3], [12, 4, 8]], np.int32)  # any free pages, in any order
+  cache = dataclasses.replace(cache, page_table_BP=jnp.asarray(table))
+  h, cache = model.prefill(jnp.asarray(np.where(np.arange(10) < contexts[:, None], ids, 0)),
+                           jnp.asarray(contexts), cache)
+  np.testing.assert_allclose(model.logits(h[:, None])[:, 0], full[np.arange(3), contexts - 1],
+                             atol=1e-5)
+  lengths = contexts.copy()
+  for _ in range(3):
+    cache = dataclasses.replace(cache, lengths_B=jnp.asarray(lengths, jnp.int32))
+    h, cache = model.decode(jnp.asarray(ids[np.arange(3), lengths]), cache, impl="xla")
+    np.testing.assert_allclose(model.logits(h[:, None])[:, 0], full[np.arange(3), lengths],
+                               atol=1e-5)
+    lengths += 1
 
 
 @pytest.mark.parametrize("max_shard_bytes", [hf_io.DEFAULT_MAX_SHARD_BYTES, 20_000])

@@ -79,6 +79,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.guidance.per_prompt = 1  # Guided rollouts per prompt (used when objective.guidance).
   c.guidance.max_teacher_tokens = 8096  # Length of generated teacher responses.
   c.guidance.teacher_temperature = 0.6  # Sampling temperature for generated teacher responses.
+  # Responses missing from the cache are generated for the prompts of this many steps at once
+  # (python -m tropd_jax.teacher_responses generates a whole prompt set ahead of training).
+  c.guidance.lookahead_steps = 8
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "tropd"  # One of tropd_jax.objectives.OBJECTIVES.
@@ -143,6 +146,7 @@ _POSITIVE = (
     "rollout.slots", "rollout.page_size", "rollout.chunk_steps", "train.micro_batch", "train.ppo_epochs", "train.score_chunk",
     "train.max_bad_steps", "checkpoint.every", "checkpoint.keep", "eval.k", "eval.max_new_tokens",
     "data.max_prompt_tokens", "log_every", "guidance.max_teacher_tokens",
+    "guidance.lookahead_steps",
 )
 _NON_NEGATIVE = (
     "train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps", "rollout.top_k",
@@ -324,19 +328,19 @@ class RolloutSettings:
     return self.prompt_buckets[-1] + self.max_new_tokens
 
   def sampler(self, *, stop_ids, pad_id: int, vocab_size: int, teacher: bool = False,
-              max_new_tokens: int | None = None, temperature: float | None = None,
-              top_p: float | None = None) -> SamplerConfig:
+              **overrides) -> SamplerConfig:
     """The ``SamplerConfig`` of the student's rollouts, or of the teacher's guidance responses."""
-    if teacher:
-      max_new_tokens = max_new_tokens or self.teacher_max_new_tokens
-      temperature = self.teacher_temperature if temperature is None else temperature
-    return SamplerConfig(
-        max_new_tokens=max_new_tokens or self.max_new_tokens,
-        temperature=self.temperature if temperature is None else temperature,
-        top_p=self.top_p if top_p is None else top_p, top_k=self.top_k,
-        stop_ids=tuple(stop_ids), length_buckets=self.prompt_buckets,
-        micro_batch_size=self.slots, pad_id=pad_id, vocab_size=vocab_size,
+    budget = self.teacher_max_new_tokens if teacher else self.max_new_tokens
+    fields = dict(
+        max_new_tokens=budget,
+        temperature=self.teacher_temperature if teacher else self.temperature,
+        top_p=1.0 if teacher else self.top_p, top_k=0 if teacher else self.top_k,
+        stop_ids=tuple(stop_ids), vocab_size=vocab_size, pad_id=pad_id, slots=self.slots,
+        page_size=self.page_size, num_pages=self.kv_pages, chunk_steps=self.chunk_steps,
+        length_buckets=self.prompt_buckets, max_row_tokens=self.prompt_buckets[-1] + budget,
         cache_dtype=self.cache_dtype)
+    fields.update(overrides)
+    return SamplerConfig(**fields)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   # Imported here: the sampler and the model stack are only needed to run, not to grade.
   from tropd_jax import mesh as mesh_lib
-  from tropd_jax import models, sampler
+  from tropd_jax import models
 
   mesh = mesh_lib.make_mesh()
   model = models.from_pretrained(args.checkpoint, dtype=args.dtype, mesh=mesh)
@@ -243,14 +243,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def sampler_generate_fn(model, tokenizer, mesh, max_new_tokens: int, temperature: float,
-                        micro_batch_size: int = 0) -> GenerateFn:
-  """A ``GenerateFn`` over ``tropd_jax.sampler.generate`` for ``model``."""
-  from tropd_jax import sampler
+                        micro_batch_size: int = 0, *, vocab_size: int | None = None,
+                        layout: str = "replicated", top_p: float = 1.0) -> GenerateFn:
+  """A ``GenerateFn`` over ``tropd_jax.sampling.generate`` for ``model`` (a model, or its
+  ``(graphdef, params)`` in the decode layout)."""
+  from tropd_jax import sampling
 
   def generate_fn(prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
-    return sampler.generate(
-        model, prompt_ids, max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
+    return sampling.generate(
+        model, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
         stop_ids=tokenizer.stop_ids, seed=seed, mesh=mesh, micro_batch_size=micro_batch_size,
+        vocab_size=vocab_size or tokenizer.vocab_size, layout=layout,
     ).completion_ids
 
   return generate_fn

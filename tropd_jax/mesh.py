@@ -10,9 +10,11 @@ runs on any mesh.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -34,7 +36,45 @@ RULES: dict[str, tuple[str, ...]] = {
     "topk": (),
 }
 
+# The sampler's copy of the weights is laid out for decoding (sampling/layout.py): one token per
+# row and step, so an FSDP all-gather of every matrix at every token would dominate. These
+# tables replace RULES while the sampler's programs are traced.
+DECODE_RULES: dict[str, dict[str, tuple[str, ...]]] = {
+    # Weights whole on every chip of the data/fsdp axes (split over tensor only); rows over all
+    # of data and fsdp.
+    "replicated": {**RULES, "embed": ()},
+    # Weights split over fsdp and tensor together (heads, MLP, vocabulary); rows over data only.
+    "tensor": {**RULES, "batch": ("data",), "embed": (), "mlp": ("fsdp", "tensor"),
+               "heads": ("fsdp", "tensor"), "kv_heads": ("fsdp", "tensor"),
+               "vocab": ("fsdp", "tensor")},
+}
+
+_ACTIVE_RULES: contextvars.ContextVar[Mapping[str, tuple[str, ...]]] = contextvars.ContextVar(
+    "tropd_mesh_rules", default=RULES)
+
 LogicalAxes = tuple[str | None, ...]
+
+
+def active_rules() -> Mapping[str, tuple[str, ...]]:
+  """The logical-axis table in force (``RULES``, or a decode layout's inside ``use_rules``)."""
+  return _ACTIVE_RULES.get()
+
+
+@contextlib.contextmanager
+def use_rules(rules: Mapping[str, tuple[str, ...]]) -> Iterator[None]:
+  """Maps logical axes by ``rules`` instead of ``RULES`` within the block (and what it traces)."""
+  token = _ACTIVE_RULES.set(rules)
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def batch_shards(mesh) -> int:
+  """Devices holding different rows: the product of the ``batch`` axes' sizes (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in active_rules()["batch"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +127,12 @@ def logical_to_spec(axes: LogicalAxes, shape: Sequence[int], mesh) -> PartitionS
     raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
   used: set[str] = set()
   spec = []
+  rules = active_rules()
   for name, dim in zip(axes, shape):
-    if name is not None and name not in RULES:
+    if name is not None and name not in rules:
       raise KeyError(f"logical axis {name!r} has no rule in tropd_jax.mesh.RULES")
     mesh_axes = tuple(
-        a for a in (RULES[name] if name else ()) if mesh.shape[a] > 1 and a not in used
+        a for a in (rules[name] if name else ()) if mesh.shape[a] > 1 and a not in used
     )
     if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
       used.update(mesh_axes)

@@ -1,7 +1,7 @@
 """The distillation loop: sample → teacher scores → update → log → checkpoint → evaluate.
 
 Holds no math: every array computation is in the jitted phases of
-``train_step`` and ``sampler``; this module moves data between them.
+``train_step`` and ``sampling``; this module moves data between them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from tropd_jax import mesh as mesh_lib
 from tropd_jax import metrics as metrics_lib
 from tropd_jax import models, objectives
 from tropd_jax import train_step as ts
-from tropd_jax.sampler import Rollout, Sampler, SamplerConfig
+from tropd_jax import sampling
+from tropd_jax.sampling import layout as layout_lib
+from tropd_jax.sampling import Rollout, SamplerConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Run:
   writer: metrics_lib.MetricsWriter
   key: jax.Array
   phases: ts.Phases
+  decode_layout: str
 
   @property
   def teacher_params(self):
@@ -123,19 +126,47 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       f"{config.workdir}/checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   key = jax.random.key_data(jax.random.key(config.seed))
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(dataclasses.asdict(state)))
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state.as_dict()))
   if restored is not None:
     step, tree, meta = restored
-    state = ts.TrainState(**tree)
+    state = state.replace_leaves(tree)
     stream.restore(meta["data"])
     log.info("resumed from step %d in %s", step, config.workdir)
   nnx.update(student, state.params)
+  layout = choose_decode_layout(settings, mesh, state, nnx.state(teacher, nnx.Param), vocab_size)
   phases = ts.build_phases(
       settings, mesh, student_graphdef=nnx.graphdef(student),
       teacher_graphdef=nnx.graphdef(teacher), state_shardings=ts.state_shardings(state),
-      vocab_size=vocab_size)
+      vocab_size=vocab_size,
+      sampler_shardings=layout_lib.param_shardings(state.params, mesh, layout))
   return Run(config, settings, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache,
-             state, checkpointer, metrics_lib.MetricsWriter(config.workdir), key, phases)
+             state, checkpointer, metrics_lib.MetricsWriter(config.workdir), key, phases, layout)
+
+
+def choose_decode_layout(settings: config_lib.Settings, mesh, state, teacher_params,
+                         vocab_size: int) -> str:
+  """The layout of the sampler's copy of the student (``sampling.layout``), logged."""
+  r = settings.rollout
+  compute = ts.cast(jax.eval_shape(lambda: state.params), settings.student.compute_dtype)
+  scfg = r.sampler(stop_ids=(), pad_id=0, vocab_size=vocab_size)
+  pool_tokens = (scfg.num_pages * scfg.page_size if scfg.num_pages
+                 else r.slots * scfg.max_row_tokens)
+  kv_per_token = _kv_bytes_per_token(state.params, settings.student.compute_dtype)
+  kv_per_chip = pool_tokens * kv_per_token // max(mesh_lib.batch_shards(mesh), 1)
+  resident = layout_lib.chip_bytes(state) + layout_lib.chip_bytes(teacher_params)
+  layout, why = layout_lib.choose(
+      r.decode_layout, weight_bytes=layout_lib.tree_bytes(compute),
+      kv_bytes_per_chip=kv_per_chip, resident_per_chip=resident, mesh=mesh,
+      hbm=layout_lib.hbm_bytes(mesh))
+  log.info("decode layout: %s (%s)", layout, why)
+  return layout
+
+
+def _kv_bytes_per_token(params, dtype) -> int:
+  """Bytes of one token's keys and values over all layers, from the k projection's shape."""
+  per_layer = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if "k_DGH" in jax.tree_util.keystr(path)]
+  return sum(2 * x.shape[1] * x.shape[2] for x in per_layer) * np.dtype(dtype).itemsize
 
 
 def _check_batch_axes(settings: config_lib.Settings, mesh) -> None:
@@ -154,46 +185,97 @@ def _sampler_config(run: Run, *, teacher: bool = False, **overrides) -> SamplerC
                                       teacher=teacher, **overrides)
 
 
-def sampling_student(run: Run) -> models.Transformer:
-  """The student in the compute dtype and the sampler's layout (one jitted copy per call)."""
-  return nnx.merge(nnx.graphdef(run.student), run.phases.to_sampler(run.state.params))
+def sampling_student(run: Run) -> tuple:
+  """``(graphdef, params)`` of the student in the compute dtype and the decode layout: one
+  jitted copy of the weights (timed: ``time/decode_layout_s``)."""
+  return nnx.graphdef(run.student), run.phases.to_sampler(run.state.params)
+
+
+def teacher_engine(run: Run) -> sampling.Engine:
+  """An engine over the teacher for guidance responses, its weights in their decode layout."""
+  params = nnx.state(run.teacher, nnx.Param)
+  layout, why = layout_lib.choose(
+      run.settings.rollout.decode_layout, weight_bytes=layout_lib.tree_bytes(params),
+      kv_bytes_per_chip=0, resident_per_chip=layout_lib.chip_bytes(run.state)
+      + layout_lib.chip_bytes(params), mesh=run.mesh, hbm=layout_lib.hbm_bytes(run.mesh))
+  log.info("teacher decode layout: %s (%s)", layout, why)
+  with jax.set_mesh(run.mesh):
+    params = jax.jit(lambda p: p, out_shardings=layout_lib.param_shardings(
+        params, run.mesh, layout))(params)
+  return sampling.Engine((nnx.graphdef(run.teacher), params), _sampler_config(run, teacher=True),
+                         mesh=run.mesh, layout=layout)
+
+
+def upcoming_prompts(run: Run, steps: int) -> list[data_lib.Prompt]:
+  """The prompts of the next ``steps`` steps (the stream is left where it was)."""
+  saved = run.stream.state()
+  prompts = []
+  try:
+    for _ in range(steps):
+      prompts += global_batch(run.stream)
+  except StopIteration:
+    pass
+  finally:
+    run.stream.restore(saved)
+  return prompts
+
+
+def generate_teacher_responses(run: Run, prompts: list[data_lib.Prompt], engine=None,
+                               progress=None) -> int:
+  """Generates and caches the responses of ``prompts`` missing from the cache; returns how many."""
+  missing = list({p.index: p for p in prompts if run.teacher_cache.get(p.index) is None}.values())
+  if not missing:
+    return 0
+  engine = engine or teacher_engine(run)
+  budget = run.settings.rollout.teacher_max_new_tokens
+  rollout = engine.generate(sampling.requests([p.ids for p in missing], max_new_tokens=budget),
+                            seed=rollout_seed(run.settings.seed, 2**30), progress=progress)
+  run.teacher_cache.add({p.index: rollout.completion(i).tolist() for i, p in enumerate(missing)})
+  log.info("generated %d teacher responses (%.0f tokens/s)", len(missing),
+           engine.stats.tokens / max(engine.stats.seconds, 1e-9))
+  return len(missing)
 
 
 def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[int, ...]]:
-  """Each prompt's teacher response: from the data, the cache, or generated now and cached."""
+  """Each prompt's teacher response: from the data, the cache, or generated in bulk now (the
+  missing ones of the next ``guidance.lookahead_steps`` steps at once) and cached."""
   if prompts[0].teacher_ids is not None:
     return [p.teacher_ids for p in prompts]
-  missing = [p for p in prompts if run.teacher_cache.get(p.index) is None]
-  if missing:
-    sampler = Sampler(run.teacher, _sampler_config(run, teacher=True), mesh=run.mesh)
-    rollout = sampler.rollout([p.ids for p in missing], n=1, seed=run.config.seed + 1)
-    run.teacher_cache.add({p.index: rollout.completion(i).tolist()
-                           for i, p in enumerate(missing)})
+  if any(run.teacher_cache.get(p.index) is None for p in prompts):
+    ahead = upcoming_prompts(run, run.config.guidance.lookahead_steps)
+    generate_teacher_responses(run, prompts + ahead)
   return [run.teacher_cache.get(p.index) for p in prompts]
 
 
 def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout, dict]:
-  """On-policy rollouts (n per prompt) plus guided ones; rows prompt-major, guided last."""
+  """On-policy rollouts (n per prompt) plus guided ones, in one engine call; rows
+  prompt-major, guided last."""
   s = run.settings
   r = s.rollout
-  sampler = Sampler(sampling_student(run), _sampler_config(run), mesh=run.mesh)
+  info = {}
   ids = [p.ids for p in prompts]
-  seed = rollout_seed(s.seed, step)
-  rollouts = [sampler.rollout(ids, n=r.num_samples, seed=seed)]
-  info = {"sampler/kv_cache_gib": sampler.stats.kv_cache_bytes / 2**30}
+  rows = sampling.requests(ids, n=r.num_samples, max_new_tokens=r.max_new_tokens)
   if r.guided_per_prompt:
     alpha = objectives.guidance_fraction(step, s.steps)
     # A guided row's response (prefix + continuation) has the budget of any other row.
     prefixes = [objectives.guidance_prefix(y, alpha, run.tokenizer.stop_ids,
                                            max_tokens=r.max_new_tokens - 1)
                 for y in teacher_responses(run, prompts)]
-    guided = Sampler(sampling_student(run), _sampler_config(
-        run, max_new_tokens=max(r.max_new_tokens - max(map(len, prefixes)), 1)), mesh=run.mesh)
-    rollouts.append(guided.rollout(ids, prefixes, n=r.guided_per_prompt, seed=seed,
-                                   row_offset=len(ids) * r.num_samples))
+    rows += sampling.requests(ids, n=r.guided_per_prompt, prefix_ids=prefixes,
+                              max_new_tokens=r.max_new_tokens, row_offset=len(rows))
     info["guidance/alpha"] = alpha
-  info["sampler/compilations"] = sampler.stats.num_compilations
-  return Rollout.concat(rollouts), info
+  t0 = time.perf_counter()
+  model = sampling_student(run)
+  jax.block_until_ready(model[1])
+  info["time/decode_layout_s"] = time.perf_counter() - t0
+  engine = sampling.Engine(model, _sampler_config(run), mesh=run.mesh, layout=run.decode_layout)
+  rollout = engine.generate(rows, seed=rollout_seed(s.seed, step))
+  st = engine.stats
+  info.update({
+      "sampler/kv_cache_gib": st.kv_cache_bytes / 2**30, "sampler/occupancy": st.occupancy,
+      "sampler/preemptions": st.preemptions, "sampler/decode_steps": st.decode_steps,
+      "sampler/compilations": st.num_compilations})
+  return rollout, info
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
@@ -259,7 +341,8 @@ def evaluate_student(run: Run, step: int) -> dict:
                                         cfg.eval.limit or None)
   generate_fn = evaluate_lib.sampler_generate_fn(
       sampling_student(run), run.tokenizer, run.mesh, cfg.eval.max_new_tokens,
-      cfg.eval.temperature, micro_batch_size=min(cfg.rollout.slots, len(problems)))
+      cfg.eval.temperature, micro_batch_size=min(cfg.rollout.slots, len(problems)),
+      vocab_size=run.vocab_size, layout=run.decode_layout)
   result = evaluate_lib.evaluate(generate_fn, run.tokenizer, problems, k=cfg.eval.k,
                                  out_jsonl=f"{cfg.workdir}/eval/step_{step}.samples.jsonl",
                                  seed=cfg.seed)
@@ -356,7 +439,7 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
       # Read the flag once: a signal that lands during the save is handled after the
       # next step, never reported as saved when this save was not forced.
       received = stop["signal"]
-      run.checkpointer.save(step + 1, dataclasses.asdict(run.state), meta,
+      run.checkpointer.save(step + 1, run.state.as_dict(), meta,
                             force=step + 1 == end or received is not None)
       if received is not None:
         log.warning("received signal %s: saved step %d, exiting.", received, step + 1)

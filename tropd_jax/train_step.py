@@ -42,6 +42,20 @@ class TrainState:
   opt_state: Any
   step: jax.Array
 
+  def as_dict(self) -> dict[str, Any]:
+    """The checkpoint tree (``dataclasses.asdict`` would strip the ``nnx.Param`` wrappers)."""
+    return {"params": self.params, "opt_state": self.opt_state, "step": self.step}
+
+  def replace_leaves(self, tree: dict[str, Any]) -> TrainState:
+    """This state's structure with ``tree``'s leaves (a restored checkpoint: orbax returns
+    plain arrays where the state holds ``nnx.Param``s; same leaves, same order)."""
+    leaves = jax.tree.leaves(tree)
+    structure = jax.tree.structure(self.as_dict())
+    if len(leaves) != structure.num_leaves:
+      raise ValueError(f"a checkpoint of {len(leaves)} arrays does not fit a train state of "
+                       f"{structure.num_leaves}.")
+    return TrainState(**jax.tree.unflatten(structure, leaves))
+
 
 def cast(tree, dtype):
   """Floating leaves of ``tree`` in ``dtype`` (arrays or ShapeDtypeStructs)."""

@@ -1,27 +1,23 @@
-"""Grouped-query attention and the KV cache the sampler drives.
+"""Grouped-query attention over the tokens of a row (training, scoring, prefill).
 
-Shape key: B batch, T query length, S key slots, D d_model, N query heads,
-G kv heads, Q = N // G query heads per kv head, H head dim.
+Shape key (tropd_jax/__init__.py): B rows, T query positions, S key positions, D model width,
+N query heads, G kv heads, Q = N // G query heads per kv head, H head dim.
 
-The cache is a fixed ``[B, S, G, H]`` buffer per layer with one write index
-shared by all rows. Rows of different lengths are left-padded: ``mask_BS``
-says which slots hold real tokens, so padding is never attended to, and a
-row's positions count only its real tokens. Prefill writes ``T`` slots at
-``index``; decode is the same call with ``T = 1``.
+Sequences are kept apart by segment ids (packed training rows; 0 marks padding): a query
+attends causally to its own segment only. Decoding reads a paged KV cache instead
+(``models.paged_attention``).
 
 Attention implementations (``Attention.attention_impl``):
   ``einsum``  the reference: ``[B, G, Q, T, S]`` float32 logits, any platform.
   ``splash``  causal self-attention without a cache (training, teacher scoring) by the
               Pallas splash-attention kernel that ships with jax: logits never leave the
               chip's VMEM. Compiled by Mosaic on TPU; elsewhere it runs in Pallas' interpret
-              mode (slow: tests only). With a cache (the sampler), queries are processed in
-              blocks of ``QUERY_BLOCK`` so prefill memory grows with ``QUERY_BLOCK · S``.
+              mode (slow: tests only).
   ``auto``    ``splash`` on TPU, ``einsum`` elsewhere.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -35,55 +31,11 @@ from tropd_jax.models.layers import RMSNorm, apply_rope, expand_to, param
 
 _KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 ATTENTION_IMPLS = ("einsum", "splash", "auto")
-# Queries per block of the blocked (cached, T > 1) path: its float32 logits are
+# Queries per block of the blocked path (long prefills): its float32 logits are
 # [B, N, QUERY_BLOCK, S] (1 GiB for 8 rows of a 28-head model at S = 9119).
 QUERY_BLOCK = 128
 # Query and key tile of the splash kernel.
 SPLASH_BLOCK = 512
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-  """Keys and values of every layer, plus which slots are filled.
-
-  Attributes:
-    k: per layer ``[B, S, G, H]``.
-    v: per layer ``[B, S, G, H]``.
-    mask_BS: ``bool [B, S]``, True where a slot holds a real (non-pad) token.
-    index: ``int32 []``, the next slot to write (shared by all rows).
-  """
-
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
-  mask_BS: jax.Array
-  index: jax.Array
-
-  @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    dtype = dtype or cfg.param_dtype
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: mesh_lib.shard(jnp.zeros(shape, dtype), _KV_AXES)
-    return cls(
-        k=tuple(zeros() for _ in range(cfg.num_layers)),
-        v=tuple(zeros() for _ in range(cfg.num_layers)),
-        mask_BS=mesh_lib.shard(jnp.zeros((batch, max_len), bool), ("batch", "length")),
-        index=jnp.zeros((), jnp.int32),
-    )
-
-  @property
-  def max_len(self) -> int:
-    return self.mask_BS.shape[1]
-
-  @staticmethod
-  def num_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
-    itemsize = jnp.dtype(dtype or cfg.param_dtype).itemsize
-    return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * itemsize
-
-  def positions(self, mask_BT: jax.Array) -> jax.Array:
-    """Positions of new tokens: each row's count of real tokens before them."""
-    done_B = jnp.sum(self.mask_BS, axis=1, dtype=jnp.int32)
-    return done_B[:, None] + jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
 
 
 def allowed_slots(q_segment_BT, k_segment_BS, q_slot_T):
@@ -235,14 +187,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.attention_impl = attention_impl
 
-  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv: tuple | None, q_segment_BT,
-               k_segment_BS, q_slot_T, index):
-    """Returns ``(out_BTD, (k_BSGH, v_BSGH))``; writes into ``kv`` at ``index`` if given.
-
-    ``k_segment_BS`` gives the segment of each key slot (0: empty; with a cache: after this
-    call's write), ``q_segment_BT`` each query's and ``q_slot_T`` its slot: a query reads the
-    filled slots of its own segment up to its own slot.
-    """
+  def qkv(self, x_BTD, positions_BT, inv_freq_h):
+    """Queries ``[B, T, N, H]``, keys and values ``[B, T, G, H]`` (biases, q/k norm, RoPE)."""
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...])
     k_BTGH = jnp.einsum("BTD,DGH->BTGH", x_BTD, self.k_DGH[...])
     v_BTGH = jnp.einsum("BTD,DGH->BTGH", x_BTD, self.v_DGH[...])
@@ -254,23 +200,27 @@ class Attention(nnx.Module):
       q_BTNH, k_BTGH = self.q_norm(q_BTNH), self.k_norm(k_BTGH)
     q_BTNH = mesh_lib.shard(apply_rope(q_BTNH, positions_BT, inv_freq_h),
                             ("batch", "length", "heads", "head_dim"))
-    k_BTGH = apply_rope(k_BTGH, positions_BT, inv_freq_h)
-    if kv is None:
-      k_BSGH, v_BSGH = k_BTGH, v_BTGH
-    else:
-      start = (0, index, 0, 0)
-      k_BSGH = jax.lax.dynamic_update_slice(kv[0], k_BTGH.astype(kv[0].dtype), start)
-      v_BSGH = jax.lax.dynamic_update_slice(kv[1], v_BTGH.astype(kv[1].dtype), start)
-    k_BSGH = mesh_lib.shard(k_BSGH, _KV_AXES)
-    v_BSGH = mesh_lib.shard(v_BSGH, _KV_AXES)
-    impl = resolve_impl(self.attention_impl)
-    if impl == "einsum":
-      out_BTNH = attend(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T)
-    elif kv is None:
-      out_BTNH = splash_attend(q_BTNH, k_BSGH, v_BSGH, k_segment_BS)
-    else:
-      out_BTNH = attend_blocked(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T)
+    k_BTGH = mesh_lib.shard(apply_rope(k_BTGH, positions_BT, inv_freq_h), _KV_AXES)
+    return q_BTNH, k_BTGH, mesh_lib.shard(v_BTGH, _KV_AXES)
+
+  def output(self, out_BTNH):
+    """The output projection ``[B, T, N, H] -> [B, T, D]``."""
     out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...])
     if self.cfg.o_bias:
       out_BTD = out_BTD + expand_to(self.o_bias_D[...], 3)
-    return out_BTD, (k_BSGH, v_BSGH)
+    return out_BTD
+
+  def __call__(self, x_BTD, positions_BT, inv_freq_h, segment_ids_BT, *, blocked: bool = False):
+    """Causal self-attention within segments; returns ``(out_BTD, (k_BTGH, v_BTGH))``.
+
+    ``segment_ids_BT`` (int; 0 = padding) keeps packed sequences apart. ``blocked``: with the
+    einsum implementation, process queries in blocks of ``QUERY_BLOCK`` (long prefills).
+    """
+    q_BTNH, k_BTGH, v_BTGH = self.qkv(x_BTD, positions_BT, inv_freq_h)
+    if resolve_impl(self.attention_impl) == "splash":
+      out_BTNH = splash_attend(q_BTNH, k_BTGH, v_BTGH, segment_ids_BT)
+    else:
+      attend_fn = attend_blocked if blocked else attend
+      out_BTNH = attend_fn(q_BTNH, k_BTGH, v_BTGH, segment_ids_BT, segment_ids_BT,
+                           jnp.arange(x_BTD.shape[1]))
+    return self.output(out_BTNH), (k_BTGH, v_BTGH)

@@ -148,15 +148,15 @@ def page_shards(mesh) -> int:
   """How many shards split the slots and the pool on ``mesh`` (1 without one)."""
   if mesh is None:
     return 1
-  return math.prod(mesh.shape[a] for a in mesh_lib.RULES["batch"])
+  return math.prod(mesh.shape[a] for a in mesh_lib.active_rules()["batch"])
 
 
 def _check_divides(shards: int, num_slots: int, num_pages: int) -> None:
   if num_slots % shards or num_pages % shards:
     raise ValueError(
         f"{num_slots} slots and {num_pages} pool pages must both be multiples of {shards}, the "
-        f"size of the mesh's batch axes {mesh_lib.RULES['batch']}: each shard holds whole slots "
-        "and its own pages.")
+        f"size of the mesh's batch axes {mesh_lib.active_rules()['batch']}: each shard holds "
+        "whole slots and its own pages.")
 
 
 def _per_shard(fn, args, specs, out_spec):
@@ -164,7 +164,7 @@ def _per_shard(fn, args, specs, out_spec):
   mesh = mesh_lib.current_mesh()
   if mesh is None:
     return fn(*args)
-  batch = tuple(a for a in mesh_lib.RULES["batch"] if mesh.shape[a] > 1)
+  batch = tuple(a for a in mesh_lib.active_rules()["batch"] if mesh.shape[a] > 1)
   batch = batch[0] if len(batch) == 1 else (batch or None)
   return jax.shard_map(
       fn, mesh=mesh, in_specs=tuple(spec(mesh, batch) for spec in specs),

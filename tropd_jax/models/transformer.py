@@ -1,11 +1,12 @@
 """The decoder-only transformer (Qwen2 / Qwen3 / Llama 3) in Flax NNX.
 
-Shape key: B batch, T length, S cache slots, D d_model, V vocab (embedding rows).
+Shape key (tropd_jax/__init__.py): B rows, T positions, D model width, V vocabulary rows.
 
 ``hidden`` returns final-normed hidden states ``[B, T, D]``; ``head_weight``
 returns the vocabulary matrix ``[V, D]`` (the embedding table when tied), so
 later stages can project to the vocabulary chunk by chunk. ``model(tokens)``
-gives full ``[B, T, V]`` float32 logits for convenience and tests.
+gives full ``[B, T, V]`` float32 logits for convenience and tests. ``prefill`` and
+``decode`` run the sampler's rows over a paged KV cache (``models.paged_attention``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tropd_jax import mesh as mesh_lib
-from tropd_jax.models.attention import Attention, KVCache
+from tropd_jax.models import paged_attention as paged
+from tropd_jax.models.attention import Attention
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.layers import RMSNorm, SwiGLU, param, rope_inv_freq
 
@@ -33,13 +35,27 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.param_dtype)
     self.mlp = SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, inv_freq_h, kv, q_segment_BT, k_segment_BS, q_slot_T,
-               index):
-    attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq_h, kv, q_segment_BT,
-                             k_segment_BS, q_slot_T, index)
-    x_BTD = mesh_lib.shard(x_BTD + attn_BTD, _ACT_AXES)
-    x_BTD = mesh_lib.shard(x_BTD + self.mlp(self.mlp_norm(x_BTD)), _ACT_AXES)
-    return x_BTD, kv
+  def __call__(self, x_BTD, positions_BT, inv_freq_h, segment_ids_BT, blocked: bool = False):
+    attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq_h, segment_ids_BT,
+                             blocked=blocked)
+    return self._mlp(x_BTD + attn_BTD), kv
+
+  def _mlp(self, x_BTD):
+    x_BTD = mesh_lib.shard(x_BTD, _ACT_AXES)
+    return mesh_lib.shard(x_BTD + self.mlp(self.mlp_norm(x_BTD)), _ACT_AXES)
+
+  def decode(self, x_B1D, positions_B, inv_freq_h, k_pages_GPZH, v_pages_GPZH, page_table_BP,
+             *, impl: str, pages_bucket: int | None):
+    """One token per row at ``positions_B``: its keys and values written to the pages, then
+    attention over the row's first ``positions_B + 1`` tokens."""
+    q_B1NH, k_B1GH, v_B1GH = self.attn.qkv(self.attn_norm(x_B1D), positions_B[:, None],
+                                           inv_freq_h)
+    k_pages_GPZH = paged.write_decode(k_pages_GPZH, k_B1GH[:, 0], page_table_BP, positions_B)
+    v_pages_GPZH = paged.write_decode(v_pages_GPZH, v_B1GH[:, 0], page_table_BP, positions_B)
+    out_BNH = paged.paged_attention(q_B1NH[:, 0], k_pages_GPZH, v_pages_GPZH, positions_B + 1,
+                                    page_table_BP, impl=impl, pages_bucket=pages_bucket)
+    x_B1D = self._mlp(x_B1D + self.attn.output(out_BNH[:, None]))
+    return x_B1D, k_pages_GPZH, v_pages_GPZH
 
 
 class Transformer(nnx.Module):
@@ -75,60 +91,88 @@ class Transformer(nnx.Module):
       positions_BT: jax.Array | None = None,
       mask_BT: jax.Array | None = None,
       segment_ids_BT: jax.Array | None = None,
-      cache: KVCache | None = None,
-  ) -> tuple[jax.Array, KVCache | None]:
-    """Final-normed hidden states ``[B, T, D]`` and the updated cache.
+  ) -> tuple[jax.Array, tuple]:
+    """Final-normed hidden states ``[B, T, D]``, and each layer's keys and values.
 
     Args:
       tokens_BT: int32 token ids.
       positions_BT: RoPE positions; default: count of real tokens before each.
       mask_BT: True for real tokens, False for padding (never attended to).
-      segment_ids_BT: int, without a cache only: several sequences packed in a row, each a
-        segment (1, 2, ...; 0 for padding) that attends only to itself. Give ``positions_BT``
-        (each sequence's own) with it.
-      cache: if given, the tokens are written at ``cache.index`` and attend to
-        every filled slot before them; the returned cache has ``index + T``.
+      segment_ids_BT: int, several sequences packed in a row, each a segment (1, 2, ...; 0 for
+        padding) that attends only to itself. Give ``positions_BT`` (each sequence's own) with it.
+
+    Returns:
+      ``(h_BTD, kv)``: kv holds ``(k_BTGH, v_BTGH)`` per layer (what ``prefill`` caches).
     """
     b, t = tokens_BT.shape
-    if segment_ids_BT is not None:
-      if cache is not None or positions_BT is None:
-        raise ValueError("segment_ids_BT needs positions_BT and no cache.")
-      mask_BT = segment_ids_BT > 0
-    if mask_BT is None:
-      mask_BT = jnp.ones((b, t), bool)
-    mask_BT = mask_BT.astype(bool)
-    if cache is None:
-      q_segment_BT = k_segment_BS = (mask_BT.astype(jnp.int32) if segment_ids_BT is None
-                                     else segment_ids_BT.astype(jnp.int32))
-      q_slot_T = jnp.arange(t)
-      index = None
+    if segment_ids_BT is None:
+      mask_BT = jnp.ones((b, t), bool) if mask_BT is None else mask_BT.astype(bool)
+      segment_ids_BT = mask_BT.astype(jnp.int32)
       if positions_BT is None:
         positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1, 0)
-    else:
-      if positions_BT is None:
-        positions_BT = jnp.maximum(cache.positions(mask_BT), 0)
-      index = cache.index
-      key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, mask_BT, (0, index))
-      q_segment_BT = jnp.ones((b, t), jnp.int32)
-      k_segment_BS = key_mask_BS.astype(jnp.int32)
-      q_slot_T = index + jnp.arange(t)
-    inv_freq_h = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+    elif positions_BT is None:
+      raise ValueError("segment_ids_BT needs positions_BT (each sequence's own positions).")
+    return self._blocks(tokens_BT, positions_BT, segment_ids_BT.astype(jnp.int32))
 
-    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
-    x_BTD = mesh_lib.shard(x_BTD, _ACT_AXES)
-    # No backward pass runs through a cache (sampling), and remat inside its decode loop fails.
-    run_block = nnx.remat(Block.__call__) if self.remat and cache is None else Block.__call__
-    new_k, new_v = [], []
-    for i, block in enumerate(self.blocks):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BTD, (k, v) = run_block(block, x_BTD, positions_BT, inv_freq_h, kv, q_segment_BT,
-                                k_segment_BS, q_slot_T, index)
-      new_k.append(k)
-      new_v.append(v)
-    h_BTD = self.final_norm(x_BTD)
-    if cache is not None:
-      cache = KVCache(tuple(new_k), tuple(new_v), key_mask_BS, cache.index + t)
-    return h_BTD, cache
+  def _blocks(self, tokens_BT, positions_BT, segment_ids_BT, *, blocked: bool = False,
+              remat: bool | None = None):
+    inv_freq_h = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+    x_BTD = mesh_lib.shard(jnp.take(self.embed_VD[...], tokens_BT, axis=0), _ACT_AXES)
+    remat = self.remat if remat is None else remat
+    kv = []
+    for block in self.blocks:
+      if remat:  # Recompute the block in the backward pass (training).
+        x_BTD, layer_kv = nnx.remat(Block.__call__)(block, x_BTD, positions_BT, inv_freq_h,
+                                                    segment_ids_BT)
+      else:
+        x_BTD, layer_kv = block(x_BTD, positions_BT, inv_freq_h, segment_ids_BT, blocked)
+      kv.append(layer_kv)
+    return self.final_norm(x_BTD), tuple(kv)
+
+  def prefill(self, tokens_BT: jax.Array, lengths_B: jax.Array,
+              cache: paged.PagedKVCache) -> tuple[jax.Array, paged.PagedKVCache]:
+    """Runs each row's context and writes its keys and values into the row's pages.
+
+    Args:
+      tokens_BT: int32 contexts, left-aligned (``lengths_B`` real tokens, then padding).
+      lengths_B: int32 context lengths.
+      cache: the pages; ``cache.page_table_BP`` holds these rows' page tables (``B`` rows).
+
+    Returns:
+      ``(h_BD, cache)``: the final-normed hidden state of each row's last context token (it
+      predicts the first sampled token), and the cache with the rows written from position 0.
+    """
+    b, t = tokens_BT.shape
+    mask_BT = jnp.arange(t)[None, :] < lengths_B[:, None]
+    positions_BT = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    h_BTD, kv = self._blocks(tokens_BT, positions_BT, mask_BT.astype(jnp.int32), blocked=True,
+                             remat=False)
+    start_B = jnp.zeros((b,), jnp.int32)
+    k_pages = tuple(paged.write_prefill(p, k, cache.page_table_BP, start_B, mask_BT)
+                    for p, (k, _) in zip(cache.k_pages, kv))
+    v_pages = tuple(paged.write_prefill(p, v, cache.page_table_BP, start_B, mask_BT)
+                    for p, (_, v) in zip(cache.v_pages, kv))
+    h_BD = jnp.take_along_axis(h_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    return h_BD, dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages)
+
+  def decode(self, tokens_B: jax.Array, cache: paged.PagedKVCache, *, impl: str = "auto",
+             pages_bucket: int | None = None) -> tuple[jax.Array, paged.PagedKVCache]:
+    """One token per row, at position ``cache.lengths_B`` (then cached there).
+
+    Returns ``(h_BD, cache)``: the final-normed hidden state of each new token and the cache
+    with its keys and values written (``lengths_B`` is left to the caller: a finished row's
+    length stays).
+    """
+    inv_freq_h = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+    x_B1D = mesh_lib.shard(jnp.take(self.embed_VD[...], tokens_B[:, None], axis=0), _ACT_AXES)
+    k_pages, v_pages = [], []
+    for block, k_p, v_p in zip(self.blocks, cache.k_pages, cache.v_pages):
+      x_B1D, k_p, v_p = block.decode(x_B1D, cache.lengths_B, inv_freq_h, k_p, v_p,
+                                     cache.page_table_BP, impl=impl, pages_bucket=pages_bucket)
+      k_pages.append(k_p)
+      v_pages.append(v_p)
+    h_BD = self.final_norm(x_B1D)[:, 0]
+    return h_BD, dataclasses.replace(cache, k_pages=tuple(k_pages), v_pages=tuple(v_pages))
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Full float32 logits ``[B, T, V]`` (tests and short sequences only)."""
@@ -140,8 +184,12 @@ class Transformer(nnx.Module):
     h_BTD, _ = self.hidden(tokens_BT, positions_BT=positions_BT, mask_BT=mask_BT)
     return self.logits(h_BTD)
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    return KVCache.init(self.cfg, batch, max_len, dtype)
+  def init_cache(self, *, num_pages: int, page_size: int, num_slots: int,
+                 max_pages_per_row: int, dtype=None) -> paged.PagedKVCache:
+    """An empty paged KV cache for this model (see ``models.paged_attention``)."""
+    return paged.PagedKVCache.init(
+        self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, num_pages, page_size,
+        num_slots, max_pages_per_row, dtype or self.cfg.param_dtype)
 
 
 def param_shardings(model_or_state, mesh: jax.sharding.Mesh):

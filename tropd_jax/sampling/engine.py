@@ -1,0 +1,635 @@
+"""Continuous batching over a paged KV cache: every sampled row of tropd_jax is drawn here.
+
+Rows wait in a queue; a fixed number of slots decode together. The host admits waiting rows
+into free slots (``prefill``: the context runs once, its keys and values go to pages of the
+pool, the first token is drawn), then runs a chunk of decode steps (``decode``: one token per
+slot and step, a ``lax.while_loop`` that returns early once enough rows have ended), reads
+which rows ended, hands their slots and pages to waiting rows, and repeats until the queue is
+empty. A row's pages are taken as it grows; when the pool runs short, the youngest row is
+put back in the queue and drawn again later (with the same tokens: row ``r`` draws its token
+``t`` with ``fold_in(fold_in(key(seed), r), t)``, whatever slot or step it runs in).
+
+On a mesh the slots and the pool are split over the devices that hold different rows; each
+shard's slots use only its own pages (the host allocates per shard), so nothing is gathered
+inside the decode loop but a few flags; the weights come in the decode layout
+(``sampling.layout``).
+
+Shape key (tropd_jax/__init__.py): B slots, R rows of a prefill call, T context positions,
+N the largest budget (``max_new_tokens``), P pages of the pool, Z tokens per page, D, V.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from tropd_jax import mesh as mesh_lib
+from tropd_jax.models import paged_attention as paged
+from tropd_jax.sampling import draw
+from tropd_jax.sampling.config import SamplerConfig
+from tropd_jax.sampling.rollout import Rollout
+
+_SLOT_AXES = ("batch",)
+_ROW_AXES = ("batch", None)
+_COMPILES: collections.Counter = collections.Counter()
+
+
+def compile_counts() -> dict[str, int]:
+  """Traces of each engine program so far in this process (``prefill``, ``decode``)."""
+  return dict(_COMPILES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One row to draw.
+
+  Attributes:
+    context: token ids the row starts from (a prompt, maybe followed by a forced prefix).
+    prompt_length: how many of them are the prompt (the rest is the forced prefix).
+    budget: the most tokens to draw (at most ``SamplerConfig.max_new_tokens``).
+    row_id: the row's index in the call: keys its draws (``fold_in(key(seed), row_id)``).
+  """
+
+  context: tuple[int, ...]
+  prompt_length: int
+  budget: int
+  row_id: int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """The engine's device state, one entry per slot (slots split over the batch axes).
+
+  Attributes:
+    k_pages, v_pages: per layer ``[G, P, Z, H]``, the page pool.
+    lengths_B: int32 tokens of the row in the cache (its context and the tokens fed back).
+    last_B: int32 the last drawn token (fed at the next step).
+    tokens_BN: int32 drawn tokens.
+    logp_BN: float32 their log-probs under the filtered distribution they were drawn from.
+    count_B: int32 tokens drawn.
+    budget_B: int32 the row's budget.
+    done_B: bool the row ended (stop id or budget), or the slot is empty.
+    keys_B: uint32 [B, 2] the row's key.
+  """
+
+  k_pages: tuple[jax.Array, ...]
+  v_pages: tuple[jax.Array, ...]
+  lengths_B: jax.Array
+  last_B: jax.Array
+  tokens_BN: jax.Array
+  logp_BN: jax.Array
+  count_B: jax.Array
+  budget_B: jax.Array
+  done_B: jax.Array
+  keys_B: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+  """What the last ``Engine.generate`` call did (host-side numbers, for logging).
+
+  Attributes:
+    rows: rows drawn.
+    tokens: tokens drawn.
+    slots, pages, pages_per_row: the engine's shape (global).
+    kv_cache_bytes: bytes of the page pool (all devices).
+    prefill_calls, decode_calls: program calls.
+    decode_steps: decode steps run (each a token for every busy slot).
+    occupancy: busy slot-steps / (slots x decode steps).
+    preemptions: rows put back in the queue for want of pages.
+    seconds: wall time of the call.
+    compilations: engine compilations so far in this process, per program.
+  """
+
+  rows: int = 0
+  tokens: int = 0
+  slots: int = 0
+  pages: int = 0
+  pages_per_row: int = 0
+  kv_cache_bytes: int = 0
+  prefill_calls: int = 0
+  decode_calls: int = 0
+  decode_steps: int = 0
+  occupancy: float = 0.0
+  preemptions: int = 0
+  seconds: float = 0.0
+  compilations: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_compilations(self) -> int:
+    return sum(self.compilations.values())
+
+
+# --- The device programs ------------------------------------------------------------------------
+
+
+def _per_shard(fn, args, specs, out_specs):
+  """``fn(*args)`` per shard of the batch axes (local slot indices); plain without a mesh.
+
+  ``specs`` / ``out_specs``: trees whose leaves are tuples of logical axes (``"batch"`` or
+  None per dimension), one per array.
+  """
+  mesh = mesh_lib.current_mesh()
+  batch = () if mesh is None else tuple(
+      a for a in mesh_lib.active_rules()["batch"] if mesh.shape[a] > 1)
+  if not batch:
+    return fn(*args)
+  batch = batch[0] if len(batch) == 1 else batch
+  is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  to_spec = lambda axes: PartitionSpec(*(batch if a == "batch" else None for a in axes))
+  as_specs = lambda tree: jax.tree.map(to_spec, tree, is_leaf=is_axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=as_specs(specs), out_specs=as_specs(out_specs),
+                       check_vma=False)(*args)
+
+
+def _shard_slots(x, axes):
+  return mesh_lib.shard(x, axes + (None,) * (x.ndim - len(axes)))
+
+
+def _replicated(x):
+  return mesh_lib.shard(x, (None,) * x.ndim)
+
+
+def init_state(model_cfg, config: SamplerConfig, *, slots: int, pages: int, pages_per_row: int,
+               dtype, rules) -> DecodeState:
+  """An empty state: zero pages, every slot done (``rules``: the decode layout's table)."""
+  with mesh_lib.use_rules(dict(rules)):
+    return _empty_state(model_cfg, config, slots=slots, pages=pages, pages_per_row=pages_per_row,
+                        dtype=dtype)
+
+
+def _empty_state(model_cfg, config: SamplerConfig, *, slots: int, pages: int, pages_per_row: int,
+                 dtype) -> DecodeState:
+  cache = paged.PagedKVCache.init(model_cfg.num_layers, model_cfg.num_kv_heads,
+                                  model_cfg.head_dim, pages, config.page_size, slots,
+                                  pages_per_row, dtype)
+  n = config.max_new_tokens
+  zeros = lambda shape, dtype: _shard_slots(jnp.zeros(shape, dtype), _SLOT_AXES)
+  return DecodeState(
+      k_pages=cache.k_pages, v_pages=cache.v_pages, lengths_B=zeros((slots,), jnp.int32),
+      last_B=zeros((slots,), jnp.int32), tokens_BN=zeros((slots, n), jnp.int32),
+      logp_BN=zeros((slots, n), jnp.float32), count_B=zeros((slots,), jnp.int32),
+      budget_B=zeros((slots,), jnp.int32),
+      done_B=_shard_slots(jnp.ones((slots,), bool), _SLOT_AXES),
+      keys_B=zeros((slots, 2), jnp.uint32))
+
+
+def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R, page_table_RP,
+            row_ids_R, budgets_R, seed, *, config: SamplerConfig, rules) -> DecodeState:
+  """Admits R rows: runs their contexts, caches them, draws each row's first token.
+
+  Args:
+    graphdef, params: the model (``nnx.split``), params in the decode layout.
+    state: the engine state (donated).
+    tokens_RT: int32 contexts, left-aligned; rows split over the shards like the slots, each
+      row going to a slot of its own shard.
+    lengths_R: int32 context lengths (0: a filler row that admits nothing).
+    slots_R: int32 the slot of each row, local to its shard (out of range: filler).
+    page_table_RP: int32 each row's pages (local to its shard; 0, scratch, where unused).
+    row_ids_R: int32 the rows' ids (their keys).
+    budgets_R: int32 the rows' budgets.
+    seed: int32 the call's seed.
+    config: static sampler settings.
+    rules: static, the decode layout's logical-axis table (a tuple of items).
+  """
+  _COMPILES["prefill"] += 1
+  with mesh_lib.use_rules(dict(rules)):
+    model = nnx.merge(graphdef, params)
+    cache = paged.PagedKVCache(state.k_pages, state.v_pages, page_table_RP, lengths_R)
+    h_RD, cache = model.prefill(tokens_RT, lengths_R, cache)
+    keys_R = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids_R)
+    logits_RV = model.logits(h_RD[:, None])[:, 0]
+    first_R, logp_R = draw.sample_tokens(logits_RV, draw.token_keys(keys_R, 0), config)
+    done_R = draw.is_stop(first_R, config) | (budgets_R <= 1)
+
+    def admit(state_fields, slots_R, lengths_R, first_R, logp_R, budgets_R, done_R, keys_R):
+      lengths_B, last_B, tokens_BN, logp_BN, count_B, budget_B, done_B, keys_B = state_fields
+      put = lambda x, v: x.at[slots_R].set(v, mode="drop")
+      n = tokens_BN.shape[1]
+      first_RN = jnp.zeros((slots_R.shape[0], n), jnp.int32).at[:, 0].set(first_R)
+      logp_RN = jnp.zeros((slots_R.shape[0], n), jnp.float32).at[:, 0].set(logp_R)
+      return (put(lengths_B, lengths_R), put(last_B, first_R), put(tokens_BN, first_RN),
+              put(logp_BN, logp_RN), put(count_B, jnp.ones_like(first_R)),
+              put(budget_B, budgets_R), put(done_B, done_R), put(keys_B, keys_R))
+
+    fields = (state.lengths_B, state.last_B, state.tokens_BN, state.logp_BN, state.count_B,
+              state.budget_B, state.done_B, state.keys_B)
+    slot_specs = (("batch",), ("batch",), ("batch", None), ("batch", None), ("batch",),
+                  ("batch",), ("batch",), ("batch", None))
+    row_specs = (("batch",),) * 6 + (("batch", None),)
+    fields = _per_shard(admit, (fields, slots_R, lengths_R, first_R, logp_R, budgets_R, done_R,
+                                jax.random.key_data(keys_R)),
+                        (slot_specs, *row_specs), slot_specs)
+    return DecodeState(cache.k_pages, cache.v_pages, *fields)
+
+
+def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_ended, release_B,
+           *, config: SamplerConfig, rules, pages_bucket: int | None):
+  """Up to ``max_steps`` decode steps of every busy slot; returns early once ``min_ended``
+  rows busy at the start have ended (or when none is busy).
+
+  Args:
+    graphdef, params: the model, params in the decode layout.
+    state: the engine state (donated).
+    page_table_BP: int32 the slots' pages (local to each shard), covering every busy row's
+      position up to ``lengths + max_steps``.
+    max_steps, min_ended: int32 scalars.
+    release_B: bool slots to empty first (rows put back in the queue).
+    config, rules: static, as ``prefill``.
+    pages_bucket: static, page-table columns decode attention reads (None: all).
+
+  Returns:
+    ``(state, status)``: status is ``(done_B, count_B, lengths_B, steps)``, replicated.
+  """
+  _COMPILES["decode"] += 1
+  with mesh_lib.use_rules(dict(rules)):
+    model = nnx.merge(graphdef, params)
+    state = dataclasses.replace(state, done_B=state.done_B | release_B)
+    busy_B = ~state.done_B
+    n = state.tokens_BN.shape[1]
+    column_1N = jnp.arange(n)[None]
+    keys_B = jax.random.wrap_key_data(state.keys_B)
+
+    def cond(carry):
+      step, s = carry
+      ended = jnp.sum(s.done_B & busy_B)
+      return (step < max_steps) & jnp.any(~s.done_B) & (ended < jnp.maximum(min_ended, 1))
+
+    def body(carry):
+      step, s = carry
+      cache = paged.PagedKVCache(s.k_pages, s.v_pages, page_table_BP, s.lengths_B)
+      h_BD, cache = model.decode(s.last_B, cache, impl=config.attention,
+                                 pages_bucket=pages_bucket)
+      active_B = ~s.done_B
+      next_B, logp_B = draw.sample_tokens(model.logits(h_BD[:, None])[:, 0],
+                                          draw.token_keys(keys_B, s.count_B), config)
+      at_BN = (column_1N == s.count_B[:, None]) & active_B[:, None]
+      count_B = s.count_B + active_B.astype(jnp.int32)
+      ended_B = draw.is_stop(next_B, config) | (count_B >= s.budget_B)
+      s = DecodeState(
+          k_pages=cache.k_pages, v_pages=cache.v_pages,
+          lengths_B=s.lengths_B + active_B.astype(jnp.int32),
+          last_B=jnp.where(active_B, next_B, s.last_B),
+          tokens_BN=jnp.where(at_BN, next_B[:, None], s.tokens_BN),
+          logp_BN=jnp.where(at_BN, logp_B[:, None], s.logp_BN),
+          count_B=count_B, budget_B=s.budget_B, done_B=s.done_B | (active_B & ended_B),
+          keys_B=s.keys_B)
+      return step + 1, s
+
+    steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    status = tuple(_replicated(x) for x in (state.done_B, state.count_B, state.lengths_B))
+    return state, status + (steps,)
+
+
+def take_rows(tokens_BN, logp_BN, slots_R):
+  """The drawn tokens and log-probs of slots ``slots_R`` (global indices), replicated."""
+  return _replicated(tokens_BN[slots_R]), _replicated(logp_BN[slots_R])
+
+
+_prefill = jax.jit(prefill, static_argnames=("graphdef", "config", "rules"),
+                   donate_argnames=("state",))
+_decode = jax.jit(decode, static_argnames=("graphdef", "config", "rules", "pages_bucket"),
+                  donate_argnames=("state",))
+_take_rows = jax.jit(take_rows)
+_init_state = jax.jit(init_state, static_argnames=(
+    "model_cfg", "config", "slots", "pages", "pages_per_row", "dtype", "rules"))
+
+
+# --- The host scheduler -------------------------------------------------------------------------
+
+
+def _host(x) -> np.ndarray:
+  """A replicated (or single-process) array's value on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+class Engine:
+  """Draws rows for ``model`` (an NNX model, or its ``nnx.split``) with ``config``.
+
+  Args:
+    model: a ``models.Transformer`` in the dtype and layout to decode with, or a
+      ``(graphdef, params)`` pair.
+    config: the ``SamplerConfig``.
+    mesh: the device mesh (None: one device).
+    layout: the decode layout the params are in (``sampling.layout``): which logical-axis
+      table the programs are traced with.
+  """
+
+  def __init__(self, model, config: SamplerConfig, *, mesh: jax.sharding.Mesh | None = None,
+               layout: str = "replicated"):
+    if isinstance(model, tuple):
+      self.graphdef, self.params = model
+    else:
+      self.graphdef, self.params = nnx.split(model)
+    self.model_cfg = self.graphdef_cfg()
+    self.config = config
+    self.mesh = mesh
+    self.layout = layout
+    self.rules = tuple(sorted((k, tuple(v)) for k, v in mesh_lib.DECODE_RULES[layout].items()))
+    with mesh_lib.use_rules(mesh_lib.DECODE_RULES[layout]):
+      self.shards = mesh_lib.batch_shards(mesh)
+    self.stats = EngineStats()
+
+  def graphdef_cfg(self):
+    return nnx.merge(self.graphdef, self.params).cfg
+
+  def shape(self, requests: Sequence[Request]) -> tuple[int, int, int]:
+    """``(slots, pages, pages_per_row)`` of a call on ``requests`` (global, shard multiples)."""
+    cfg, shards = self.config, self.shards
+    slots = cfg.slots or len(requests)
+    slots = -(-max(slots, 1) // shards) * shards
+    if cfg.max_row_tokens:
+      row = cfg.max_row_tokens
+      pages_per_row = -(-row // cfg.page_size)
+    else:
+      row = max(cfg.bucket(len(r.context)) + r.budget for r in requests)
+      pages_per_row = _pow2_at_least(-(-row // cfg.page_size))
+    pages = cfg.num_pages or slots * pages_per_row + shards
+    pages = -(-pages // shards) * shards
+    return slots, pages, pages_per_row
+
+  def generate(self, requests: Sequence[Request], *, seed: int = 0,
+               progress: Callable[[int, int], None] | None = None) -> Rollout:
+    """Draws every request; returns the ``Rollout`` in request order.
+
+    Args:
+      requests: the rows (contexts, budgets, row ids).
+      seed: the call's seed, in [0, 2**31).
+      progress: called as ``progress(rows_done, tokens_drawn)`` after each decode call.
+    """
+    t0 = time.perf_counter()
+    cfg, shards = self.config, self.shards
+    _check_requests(requests, cfg)
+    if not 0 <= seed < 2**31:
+      raise ValueError(f"seed={seed} must be in [0, 2**31).")
+    slots, pages, width = self.shape(requests)
+    slots_local, pages_local = slots // shards, pages // shards
+    longest = max(len(r.context) + r.budget for r in requests)
+    if longest > width * cfg.page_size:
+      raise ValueError(
+          f"a row of {longest} tokens (context and budget) does not fit the page tables' "
+          f"{width * cfg.page_size} tokens; raise sampler.max_row_tokens.")
+    need = -(-longest // cfg.page_size)
+    if pages_local - 1 < need:
+      raise ValueError(
+          f"sampler.num_pages={cfg.num_pages} gives each of the {shards} shard(s) "
+          f"{pages_local - 1} usable pages, fewer than the {need} pages of one whole row "
+          f"({longest} tokens); raise num_pages or set 0.")
+    max_position = self.model_cfg.max_position_embeddings
+    if longest > max_position:
+      raise ValueError(
+          f"a row of {longest} tokens (context and budget) is longer than the model's "
+          f"{max_position} positions (max_position_embeddings); lower the budget.")
+    dtype = jnp.dtype(cfg.cache_dtype or self.model_cfg.dtype)
+    self.last_shape = (slots, pages, width)
+    layout_rules = mesh_lib.DECODE_RULES[self.layout]
+    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+    with ctx, mesh_lib.use_rules(layout_rules):
+      state = _init_state(self.model_cfg, cfg, slots=slots, pages=pages, pages_per_row=width,
+                          dtype=dtype.name, rules=self.rules)
+      sched = _Scheduler(self, requests, slots_local, pages_local, width)
+      state = sched.run(state, seed, progress)
+    del state
+    kv_bytes = paged.PagedKVCache.num_bytes(self.model_cfg.num_layers,
+                                            self.model_cfg.num_kv_heads, self.model_cfg.head_dim,
+                                            pages, cfg.page_size, dtype)
+    rollout = sched.rollout()
+    self.stats = EngineStats(
+        rows=len(requests), tokens=int(rollout.lengths.sum()), slots=slots, pages=pages,
+        pages_per_row=width, kv_cache_bytes=kv_bytes, prefill_calls=sched.prefill_calls,
+        decode_calls=sched.decode_calls, decode_steps=sched.decode_steps,
+        occupancy=sched.busy_slot_steps / max(slots * sched.decode_steps, 1),
+        preemptions=sched.preemptions, seconds=time.perf_counter() - t0,
+        compilations=compile_counts())
+    return rollout
+
+
+class _nullcontext:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _check_requests(requests: Sequence[Request], cfg: SamplerConfig) -> None:
+  if not requests:
+    raise ValueError("no rows to draw: give at least one prompt.")
+  for r in requests:
+    if not r.context:
+      raise ValueError(f"row {r.row_id} has an empty context; every prompt needs a token.")
+    if not 1 <= r.budget <= cfg.max_new_tokens:
+      raise ValueError(f"row {r.row_id} asks for {r.budget} new tokens; the budget must be in "
+                       f"[1, sampler.max_new_tokens={cfg.max_new_tokens}].")
+    if not 0 <= r.row_id < 2**31:
+      raise ValueError(f"row_id={r.row_id} must be in [0, 2**31).")
+
+
+class _Scheduler:
+  """The host side of one ``Engine.generate`` call: queue, slots, pages, preemption."""
+
+  def __init__(self, engine: Engine, requests: Sequence[Request], slots_local: int,
+               pages_local: int, width: int):
+    self.engine, self.requests = engine, list(requests)
+    self.cfg = engine.config
+    self.shards, self.slots_local, self.width = engine.shards, slots_local, width
+    self.queue = collections.deque(range(len(requests)))
+    self.free_slots = [list(range(slots_local)) for _ in range(self.shards)]
+    # Local page 0 of every shard is its scratch page.
+    self.free_pages = [list(range(pages_local - 1, 0, -1)) for _ in range(self.shards)]
+    self.slot_row = [[None] * slots_local for _ in range(self.shards)]
+    self.slot_pages = [[[] for _ in range(slots_local)] for _ in range(self.shards)]
+    self.page_table = np.zeros((self.shards * slots_local, width), np.int32)
+    self.lengths = np.zeros(self.shards * slots_local, np.int64)
+    self.results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self.release = np.zeros(self.shards * slots_local, bool)
+    self.prefill_calls = self.decode_calls = self.decode_steps = 0
+    self.busy_slot_steps = self.preemptions = 0
+    self.tokens_drawn = 0
+
+  # Pages ---------------------------------------------------------------------------------------
+
+  def _pages_for(self, tokens: int) -> int:
+    return -(-tokens // self.cfg.page_size)
+
+  def _grow(self, shard: int, slot: int, tokens: int) -> bool:
+    """Gives ``slot`` pages for ``tokens`` positions; False if the shard has too few."""
+    have = self.slot_pages[shard][slot]
+    need = min(self._pages_for(tokens), self.width) - len(have)
+    if need <= 0:
+      return True
+    if len(self.free_pages[shard]) < need:
+      return False
+    new = [self.free_pages[shard].pop() for _ in range(need)]
+    g = shard * self.slots_local + slot
+    self.page_table[g, len(have):len(have) + need] = new
+    have.extend(new)
+    return True
+
+  def _free(self, shard: int, slot: int) -> None:
+    self.free_pages[shard].extend(reversed(self.slot_pages[shard][slot]))
+    self.slot_pages[shard][slot] = []
+    self.page_table[shard * self.slots_local + slot] = paged.SCRATCH_PAGE
+    self.slot_row[shard][slot] = None
+    self.free_slots[shard].append(slot)
+
+  # Admission -----------------------------------------------------------------------------------
+
+  def _admit_batch(self) -> list[list[tuple[int, int]]]:
+    """Picks waiting rows for free slots: a prefill call's worth per shard at most."""
+    per_shard = [[] for _ in range(self.shards)]
+    longest = [0] * self.shards
+    progress = True
+    while self.queue and progress:
+      progress = False
+      for shard in sorted(range(self.shards), key=lambda s: -len(self.free_slots[s])):
+        if not self.queue or not self.free_slots[shard]:
+          continue
+        request = self.requests[self.queue[0]]
+        context = max(longest[shard], len(request.context))
+        rows = len(per_shard[shard]) + 1
+        if rows > 1 and rows * self.cfg.bucket(context) > self.cfg.prefill_tokens:
+          continue
+        slot = self.free_slots[shard][-1]
+        first = min(self.cfg.chunk_steps, request.budget)
+        if not self._grow(shard, slot, len(request.context) + first):
+          continue
+        self.free_slots[shard].pop()
+        row = self.queue.popleft()
+        self.slot_row[shard][slot] = row
+        self.lengths[shard * self.slots_local + slot] = len(request.context)
+        per_shard[shard].append((slot, row))
+        longest[shard] = context
+        progress = True
+    return per_shard
+
+  def _prefill(self, state, per_shard, seed):
+    rows_local = _pow2_at_least(max(len(a) for a in per_shard))
+    rows = rows_local * self.shards
+    contexts = [self.requests[row].context for admitted in per_shard for _, row in admitted]
+    t = self.cfg.bucket(max(map(len, contexts)))
+    tokens = np.full((rows, t), self.cfg.pad_id, np.int32)
+    lengths = np.zeros(rows, np.int32)
+    slots = np.full(rows, self.slots_local, np.int32)  # out of range: filler rows admit nothing
+    table = np.zeros((rows, self.width), np.int32)
+    row_ids = np.zeros(rows, np.int32)
+    budgets = np.ones(rows, np.int32)
+    for shard, admitted in enumerate(per_shard):
+      for i, (slot, row) in enumerate(admitted):
+        k = shard * rows_local + i
+        request = self.requests[row]
+        tokens[k, :len(request.context)] = request.context
+        lengths[k] = len(request.context)
+        slots[k] = slot
+        table[k] = self.page_table[shard * self.slots_local + slot]
+        row_ids[k] = request.row_id
+        budgets[k] = request.budget
+    put = lambda x, axes: mesh_lib.put(x, axes, self.engine.mesh)
+    state = _prefill(self.engine.graphdef, self.engine.params, state, put(tokens, _ROW_AXES),
+                     put(lengths, _SLOT_AXES), put(slots, _SLOT_AXES), put(table, _ROW_AXES),
+                     put(row_ids, _SLOT_AXES), put(budgets, _SLOT_AXES), np.int32(seed),
+                     config=self.cfg, rules=self.engine.rules)
+    self.prefill_calls += 1
+    return state
+
+  # Growth and preemption -----------------------------------------------------------------------
+
+  def _make_room(self, steps: int) -> None:
+    """Pages for every busy row's next ``steps`` positions; preempts the youngest if short."""
+    for shard in range(self.shards):
+      while True:
+        busy = [s for s in range(self.slots_local) if self.slot_row[shard][s] is not None]
+        short = next((s for s in busy if not self._grow(
+            shard, s, self.lengths[shard * self.slots_local + s] + steps)), None)
+        if short is None:
+          break
+        # The row with the fewest tokens drawn loses the least work.
+        youngest = min(busy, key=lambda s: (self.lengths[shard * self.slots_local + s],
+                                            -self.slot_row[shard][s]))
+        row = self.slot_row[shard][youngest]
+        self._free(shard, youngest)
+        self.release[shard * self.slots_local + youngest] = True
+        self.queue.appendleft(row)
+        self.preemptions += 1
+
+  # The loop ------------------------------------------------------------------------------------
+
+  def run(self, state, seed: int, progress):
+    mesh = self.engine.mesh
+    put = lambda x, axes: mesh_lib.put(x, axes, mesh)
+    slots = self.shards * self.slots_local
+    while self.queue or any(r is not None for rows in self.slot_row for r in rows):
+      while self.queue:
+        per_shard = self._admit_batch()
+        if not any(per_shard):
+          break
+        state = self._prefill(state, per_shard, seed)
+      steps = self.cfg.chunk_steps
+      self._make_room(steps)
+      busy = [g for g in range(slots)
+              if self.slot_row[g // self.slots_local][g % self.slots_local] is not None]
+      if not busy:
+        if self.queue:  # every row was put back: the pool holds none of them
+          raise RuntimeError("the KV-cache pool cannot hold a waiting row; raise num_pages.")
+        break
+      reach = max(int(self.lengths[g]) + steps + 1 for g in busy)
+      bucket = min(_pow2_at_least(self._pages_for(reach)), self.width)
+      min_ended = (max(1, math.ceil(self.cfg.refill_fraction * slots)) if self.queue
+                   else slots + 1)
+      state, status = _decode(
+          self.engine.graphdef, self.engine.params, state, put(self.page_table, _ROW_AXES),
+          np.int32(steps), np.int32(min_ended), put(self.release, _SLOT_AXES),
+          config=self.cfg, rules=self.engine.rules, pages_bucket=bucket)
+      self.release[:] = False
+      done, count, lengths, ran = map(_host, status)
+      self.decode_calls += 1
+      self.decode_steps += int(ran)
+      self.busy_slot_steps += int(ran) * len(busy)
+      self.lengths[:] = lengths
+      ended = [g for g in busy if done[g]]
+      for start in range(0, len(ended), max(self.slots_local, 1)):
+        chunk = ended[start:start + max(self.slots_local, 1)]
+        index = np.zeros(max(self.slots_local, 1), np.int32)
+        index[:len(chunk)] = chunk
+        tokens, logp = map(_host, _take_rows(state.tokens_BN, state.logp_BN, index))
+        for i, g in enumerate(chunk):
+          shard, slot = divmod(g, self.slots_local)
+          row = self.slot_row[shard][slot]
+          n = int(count[g])
+          self.results[row] = (tokens[i, :n].copy(), logp[i, :n].copy())
+          self.tokens_drawn += n
+          self._free(shard, slot)
+      if progress is not None:
+        progress(len(self.results), self.tokens_drawn)
+    return state
+
+  def rollout(self) -> Rollout:
+    stops = set(self.cfg.stop_ids)
+    tokens, logp, stopped = [], [], []
+    for i, request in enumerate(self.requests):
+      drawn, lp = self.results[i]
+      tokens.append(np.concatenate([np.asarray(request.context, np.int32), drawn]))
+      logp.append(lp.astype(np.float32))
+      stopped.append(bool(len(drawn)) and int(drawn[-1]) in stops)
+    return Rollout(
+        tokens=tuple(tokens),
+        prompt_lengths=np.asarray([r.prompt_length for r in self.requests], np.int32),
+        prefix_lengths=np.asarray([len(r.context) - r.prompt_length for r in self.requests],
+                                  np.int32),
+        logp=tuple(logp), stopped=np.asarray(stopped, bool))
