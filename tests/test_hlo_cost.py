@@ -1,4 +1,4 @@
-"""hlo_cost: loop-aware flops, HBM bytes and collectives from compiled HLO text, and the roofline."""
+"""hlo_cost: loop-aware flops, HBM bytes and collectives of compiled HLO text; the roofline."""
 
 import importlib.util
 import re
@@ -152,6 +152,7 @@ def test_fsdp_weight_all_gather_is_found_inside_the_loop():
   assert [(c.kind, c.group_size, c.buffer_bytes, c.calls, c.loop_path) for c in gathers] == [
       ("all-gather", 4, 64 * 64 * 4, 3, (lp.name,))]
   assert gathers[0].bytes_per_call == 64 * 64 * 4 * 3 / 4
+  assert not hlo_cost.weight_collectives_in_loops(cost, min_bytes=64 * 64 * 4)
   assert cost.collective_bytes >= 3 * gathers[0].bytes_per_call
   assert lp.collective_bytes >= gathers[0].bytes_per_call
   assert cost.flops == 3 * 2 * 4 * 64 * 64  # 4 of the 16 rows per device
@@ -164,26 +165,32 @@ def test_replicated_weights_need_no_collective_in_the_loop():
   assert cost.loops[0].collective_bytes == 0
 
 
-COLLECTIVES_HLO = """\
-HloModule collectives, num_partitions=8
-
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %sum = f32[] add(%a, %b)
-}
-
-ENTRY %main (p: f32[1024]) -> (f32[1024], f32[256], f32[1024], f32[1024], f32[4096]) {
-  %p = f32[1024]{0} parameter(0)
-  %ar = f32[1024]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
-  %rs = f32[256]{0} reduce-scatter(%p), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
-  %a2a = f32[1024]{0} all-to-all(%p), channel_id=3, replica_groups=mesh['x'=2,'y'=4] {'x'}, dimensions={0}
-  %cp = f32[1024]{0} collective-permute(%p), channel_id=4, source_target_pairs={{0,1},{1,0}}
-  %ags = (f32[1024]{0}, f32[4096]{0}) all-gather-start(%p), channel_id=5, replica_groups=mesh['x'=8] {'x':(2)4}, dimensions={0}
-  %agd = f32[4096]{0} all-gather-done(%ags)
-  ROOT %t = (f32[1024]{0}, f32[256]{0}, f32[1024]{0}, f32[1024]{0}, f32[4096]{0}) tuple(%ar, %rs, %a2a, %cp, %agd)
-}
-"""
+COLLECTIVES_HLO = "\n".join([
+    "HloModule collectives, num_partitions=8",
+    "",
+    "%add (a: f32[], b: f32[]) -> f32[] {",
+    "  %a = f32[] parameter(0)",
+    "  %b = f32[] parameter(1)",
+    "  ROOT %sum = f32[] add(%a, %b)",
+    "}",
+    "",
+    "ENTRY %main (p: f32[1024]) -> (f32[1024], f32[256], f32[1024], f32[1024], f32[4096]) {",
+    "  %p = f32[1024]{0} parameter(0)",
+    "  %ar = f32[1024]{0} all-reduce(%p), channel_id=1, "
+    "replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add",
+    "  %rs = f32[256]{0} reduce-scatter(%p), channel_id=2, replica_groups=[2,4]<=[8], "
+    "dimensions={0}, to_apply=%add",
+    "  %a2a = f32[1024]{0} all-to-all(%p), channel_id=3, "
+    "replica_groups=mesh['x'=2,'y'=4] {'x'}, dimensions={0}",
+    "  %cp = f32[1024]{0} collective-permute(%p), channel_id=4, "
+    "source_target_pairs={{0,1},{1,0}}",
+    "  %ags = (f32[1024]{0}, f32[4096]{0}) all-gather-start(%p), channel_id=5, "
+    "replica_groups=mesh['x'=8] {'x':(2)4}, dimensions={0}",
+    "  %agd = f32[4096]{0} all-gather-done(%ags)",
+    "  ROOT %t = (f32[1024]{0}, f32[256]{0}, f32[1024]{0}, f32[1024]{0}, f32[4096]{0}) "
+    "tuple(%ar, %rs, %a2a, %cp, %agd)",
+    "}",
+])
 
 
 def test_collective_bytes_and_replica_group_formats():
@@ -203,18 +210,45 @@ def test_collective_bytes_and_replica_group_formats():
 
 def test_dot_as_convolution_flops_exclude_padding():
   """TPU prints BTD,DNH->BTNH as a convolution whose N window slides over padding."""
-  text = """\
-HloModule conv
-
-ENTRY %main (x: bf16[2,263,32,1], w: bf16[32,4,128,1]) -> bf16[2,263,4,128] {
-  %x = bf16[2,263,32,1]{3,2,1,0:T(8,128)(2,1)} parameter(0)
-  %w = bf16[32,4,128,1]{3,2,1,0:T(8,128)(2,1)} parameter(1)
-  ROOT %c = bf16[2,263,4,128]{3,1,2,0:T(8,128)(2,1)S(1)} convolution(%x, %w), window={size=1x4 pad=0_0x3_3 rhs_reversal=0x1}, dim_labels=0bf1_i1o0->0b1f
-}
-"""
+  text = "\n".join([
+      "HloModule conv",
+      "",
+      "ENTRY %main (x: bf16[2,263,32,1], w: bf16[32,4,128,1]) -> bf16[2,263,4,128] {",
+      "  %x = bf16[2,263,32,1]{3,2,1,0:T(8,128)(2,1)} parameter(0)",
+      "  %w = bf16[32,4,128,1]{3,2,1,0:T(8,128)(2,1)} parameter(1)",
+      "  ROOT %c = bf16[2,263,4,128]{3,1,2,0:T(8,128)(2,1)S(1)} convolution(%x, %w), "
+      "window={size=1x4 pad=0_0x3_3 rhs_reversal=0x1}, dim_labels=0bf1_i1o0->0b1f",
+      "}",
+  ])
   cost = hlo_cost.analyze(text)
   assert cost.flops == 2 * (2 * 263) * 32 * (4 * 128)  # B·T rows, D in, N·H out
   assert cost.hbm_bytes == 2 * (2 * 263 * 32 + 32 * 4 * 128)  # the result is in VMEM: S(1)
+
+
+KERNELS_HLO = "\n".join([
+    "HloModule kernels",
+    "",
+    "ENTRY %main (q: bf16[2,128,64]) -> (bf16[2,128,64], bf16[2,128,64]) {",
+    "  %q = bf16[2,128,64]{2,1,0} parameter(0)",
+    # Kernel metadata continues on the next lines, as jax prints a Pallas call's.
+    "  %k1 = bf16[2,128,64]{2,1,0} custom-call(%q), custom_call_target=\"tpu_custom_call\", "
+    "frontend_attributes={kernel_metadata={",
+    '"xprof_metadata":"{\\"block_q\\": 128}"',
+    '}}, backend_config={"custom_call_config":{"body":"TUzv","cost_estimate":{"flops":"1000",'
+    '"transcendentals":"0","bytes_accessed":"0"}}}',
+    "  %splash.3 = bf16[2,128,64]{2,1,0} custom-call(%q), "
+    'custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"TUzv"}}',
+    "  ROOT %t = (bf16[2,128,64]{2,1,0}, /*index=1*/bf16[2,128,64]{2,1,0}) "
+    "tuple(%k1, /*index=1*/%splash.3)",
+    "}",
+])
+
+
+def test_pallas_kernels_count_their_cost_estimate_and_others_are_noted():
+  cost = hlo_cost.analyze(KERNELS_HLO)
+  assert cost.flops == 1000
+  assert cost.hbm_bytes == 2 * (2 * 2 * 128 * 64 * 2)  # each reads q, writes its result
+  assert any("tpu_custom_call:splash x1" in n for n in cost.notes)
 
 
 def test_roofline():

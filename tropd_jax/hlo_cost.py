@@ -10,8 +10,8 @@ each loop body by its trip count:
                 a constant: how TPU programs print scans); else ``unknown_trip_count`` (a loop that
                 stops on data, like the decode loop; the bound its condition also has is reported).
   conditionals  the costliest branch (most flops, then HBM bytes), noted in ``notes``.
-  flops         2·M·N·K of every dot and convolution, inside fusions too, and the cost estimate of
-                a Pallas kernel that carries one. Elementwise flops are not counted, nor kernels
+  flops         2·M·N·K of every dot and convolution, inside fusions too, and the cost estimate
+                of a Pallas kernel that carries one. Elementwise flops are not counted, nor kernels
                 without an estimate (the splash attention: listed in ``notes``).
   HBM bytes     operands + result of every executed top-level instruction (a fusion's own, not its
                 insides), skipping parameter, tuple, get-tuple-element, bitcast, constant and the

@@ -28,6 +28,7 @@ _BITS = {
 }
 _ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([^\]]*)\](?:\{([^}]*)\})?")
 _INSTR_RE = re.compile(r"\s+(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_START_RE = re.compile(r"\s+(ROOT\s+)?%?[\w.\-]+\s*=\s*(\(|[a-z][a-z0-9]*\[)")  # name = shape
 _OPCODE_RE = re.compile(r"\s*([\w\-]+)\(")
 _COMMENT_RE = re.compile(r"/\*.*?\*/")
 _OP_NAME_RE = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
@@ -188,7 +189,7 @@ def parse_module(text: str) -> Module:
       if instructions:
         comps[current] = Computation(current, instructions, (roots or instructions)[-1])
       current, pending = None, []
-    elif _INSTR_RE.match(line):
+    elif _START_RE.match(line):
       pending.append(line)
     elif pending:  # a long attribute (kernel metadata) continues on the next lines
       pending[-1] += "\n" + line
