@@ -153,6 +153,10 @@ def test_fsdp_weight_all_gather_is_found_inside_the_loop():
       ("all-gather", 4, 64 * 64 * 4, 3, (lp.name,))]
   assert gathers[0].bytes_per_call == 64 * 64 * 4 * 3 / 4
   assert not hlo_cost.weight_collectives_in_loops(cost, min_bytes=64 * 64 * 4)
+  assert not hlo_cost.weight_collectives_in_loops(cost, 0, kinds=("all-reduce",))
+  with pytest.raises(ValueError, match="all_gather"):
+    hlo_cost.weight_collectives_in_loops(cost, 0, kinds=("all_gather",))
+  assert "all-gather of 16.38 kB over 4" in hlo_cost.format_cost(cost, hlo_cost.CHIPS["TPU v4"])
   assert cost.collective_bytes >= 3 * gathers[0].bytes_per_call
   assert lp.collective_bytes >= gathers[0].bytes_per_call
   assert cost.flops == 3 * 2 * 4 * 64 * 64  # 4 of the 16 rows per device
@@ -249,6 +253,38 @@ def test_pallas_kernels_count_their_cost_estimate_and_others_are_noted():
   assert cost.flops == 1000
   assert cost.hbm_bytes == 2 * (2 * 2 * 128 * 64 * 2)  # each reads q, writes its result
   assert any("tpu_custom_call:splash x1" in n for n in cost.notes)
+
+
+THREADS_HLO = "\n".join([
+    "HloModule threads",
+    "",
+    "%add_fusion (p0: f32[1024], p1: f32[1024]) -> f32[1024] {",
+    "  %p0 = f32[1024]{0} parameter(0)",
+    "  %p1 = f32[1024]{0} parameter(1)",
+    "  ROOT %sum = f32[1024]{0} add(%p0, %p1)",
+    "}",
+    "",
+    "%offloaded (a: f32[1024]) -> f32[1024] {",
+    "  %a = f32[1024]{0} parameter(0)",
+    "  ROOT %f = f32[1024]{0} fusion(%a, %a), kind=kLoop, calls=%add_fusion",
+    '}, execution_thread="sparsecore"',
+    "",
+    "ENTRY %main (x: f32[1024], w: f32[1024,256]) -> f32[256] {",
+    "  %x = f32[1024]{0} parameter(0)",
+    "  %w = f32[1024,256]{1,0} parameter(1)",
+    "  %cs = ((f32[1024]{0}), f32[1024]{0}) call-start(%x), "
+    'async_execution_thread="sparsecore", to_apply=%offloaded',
+    "  %cd = f32[1024]{0} call-done(%cs)",
+    "  ROOT %d = f32[256]{0} dot(%cd, %w), lhs_contracting_dims={0}, rhs_contracting_dims={0}",
+    "}",
+])
+
+
+def test_async_call_to_another_execution_thread():
+  """TPU offloads work to its SparseCore as call-start/call-done of a computation on a thread."""
+  cost = hlo_cost.analyze(THREADS_HLO)
+  assert cost.flops == 2 * 1024 * 256
+  assert cost.hbm_bytes == (2 * 4096 + 4096) + (4096 + 1024 * 256 * 4 + 256 * 4)
 
 
 def test_roofline():

@@ -52,7 +52,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 # Top-level instructions that move no data themselves.
 _FREE = {
     "parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call",
-    "conditional", "async-start", "async-update", "async-done", "after-all", "partition-id",
+    "conditional", "async-update", "async-done", "call-done", "after-all", "partition-id",
     "replica-id", "opt-barrier", "add-dependency", "domain", "send", "recv",
 }
 _SLICES = ("slice", "dynamic-slice", "gather")  # read only the part they return of operand 0
@@ -239,7 +239,7 @@ class _Walker:
       acc.add(costs[best], 1)
       acc.notes[f"conditional {ins.name} ({ins.op_name}): counted its costliest branch, "
                 f"{best + 1} of {len(costs)}"] = None
-    elif op in ("call", "async-start"):
+    elif op in ("call", "call-start", "async-start"):  # the async ones count at their start
       for name in ins.called("to_apply") + ins.called("calls"):
         acc.add(self.cost(name), 1)
     elif op in _FREE or op.endswith("-start"):
@@ -266,7 +266,7 @@ class _Walker:
       estimate = _kernel_flops(ins)
       if estimate is not None:
         acc.flops += estimate
-      elif operands:
+      elif operands and any(a.dims for a in result):  # a kernel, not runtime plumbing
         target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
         target = target.group(1) if target else "?"
         kernel = re.sub(r"[.]\d+$", "", name)
@@ -556,10 +556,15 @@ def estimate_seconds(cost: ProgramCost, chip: ChipSpec) -> Estimate:
                   sum(parts.values()))
 
 
-def weight_collectives_in_loops(cost: ProgramCost, min_bytes: float) -> list[Collective]:
-  """Collectives inside while loops moving at least ``min_bytes`` per device per iteration
-  (``bytes_per_call``): a weight all-gathered on every decode step shows up here."""
-  return [c for c in cost.collectives if c.in_loop and c.bytes_per_call >= min_bytes]
+def weight_collectives_in_loops(cost: ProgramCost, min_bytes: float,
+                                kinds: tuple[str, ...] = COLLECTIVES) -> list[Collective]:
+  """Collectives of ``kinds`` inside while loops that move at least ``min_bytes`` per device per
+  iteration (``bytes_per_call``): a weight all-gathered on every decode step shows up here."""
+  unknown = set(kinds) - set(COLLECTIVES)
+  if unknown:
+    raise ValueError(f"kinds={kinds!r}: {sorted(unknown)} not among {COLLECTIVES}.")
+  return [c for c in cost.collectives
+          if c.in_loop and c.kind in kinds and c.bytes_per_call >= min_bytes]
 
 
 def _si(x: float, unit: str) -> str:

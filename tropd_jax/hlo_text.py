@@ -182,7 +182,9 @@ def parse_module(text: str) -> Module:
         current = words[1 if is_entry else 0].lstrip("%").split("(")[0]
         entry = current if is_entry else entry
       continue
-    if line.strip() == "}":
+    # A computation ends with "}" (on TPU maybe '}, execution_thread="sparsecore"'), unless it
+    # closes a long attribute of the last instruction.
+    if line.startswith("}") and not (pending and pending[-1].count("{") > pending[-1].count("}")):
       parsed = [_parse_instruction(t) for t in pending]
       roots = [ins for ins, is_root in parsed if is_root]
       instructions = [ins for ins, _ in parsed]
