@@ -2,6 +2,8 @@
 
 import importlib.util
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -297,6 +299,15 @@ def test_roofline():
   assert hlo_cost.chip_spec("TPU v5 lite").peak_flops == 197e12
   with pytest.raises(ValueError, match="'TPU v9'"):
     hlo_cost.chip_spec("TPU v9")
+
+
+def test_command_line(tmp_path):
+  path = tmp_path / "threads.hlo"
+  path.write_text(THREADS_HLO)
+  proc = subprocess.run([sys.executable, "-m", "tropd_jax.hlo_cost", str(path), "--chip=TPU v5"],
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "per device: 524.29 kFLOP" in proc.stdout and "on v5p:" in proc.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

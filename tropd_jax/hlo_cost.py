@@ -9,6 +9,8 @@ each loop body by its trip count:
                 loop (a counter that starts at a constant, steps by a constant and is compared with
                 a constant: how TPU programs print scans); else ``unknown_trip_count`` (a loop that
                 stops on data, like the decode loop; the bound its condition also has is reported).
+  calls         a call, and an async call or computation (``call-start``, ``async-start``: the
+                TPU's SparseCore offloads), cost what their computation costs.
   conditionals  the costliest branch (most flops, then HBM bytes), noted in ``notes``.
   flops         2·M·N·K of every dot and convolution, inside fusions too, and the cost estimate
                 of a Pallas kernel that carries one. Elementwise flops are not counted, nor kernels
@@ -17,7 +19,8 @@ each loop body by its trip count:
                 insides), skipping parameter, tuple, get-tuple-element, bitcast, constant and the
                 while/call/conditional wrappers. A slice, dynamic-slice or gather of a buffer reads
                 the slice; an in-place dynamic-update-slice or scatter writes the update only; an
-                array XLA placed in on-chip memory (layout ``S(1)``, TPU VMEM) costs nothing.
+                array outside HBM (layout ``S(n)``, n > 0: TPU VMEM or SMEM, or host) costs
+                nothing. Sizes are logical: the tile padding of TPU layouts is not counted.
   collectives   all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute (async
                 ``-start``/``-done`` pairs once), with the bytes each device moves on the
                 interconnect per call.

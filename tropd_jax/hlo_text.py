@@ -36,7 +36,10 @@ _OP_NAME_RE = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
 
 @dataclasses.dataclass(frozen=True)
 class Array:
-  """One array of a shape; ``memory_space`` 0 is HBM, 1 on-chip memory (TPU VMEM)."""
+  """One array of a shape; ``memory_space`` 0 is HBM (1: TPU VMEM, 2: SMEM, 5: host).
+
+  ``bytes`` is the logical size: tile padding of TPU layouts (``T(8,128)``) is not counted.
+  """
 
   dtype: str
   dims: tuple[int, ...]
