@@ -296,7 +296,9 @@ class _Walker:
         for inner in ins.called("calls") + ins.called("to_apply"):
           yield from self.fused_instructions(inner)
 
-  def collective(self, comp, kind, name, operands, result, ins) -> Collective:
+  def collective(self, comp: Computation, kind: str, name: str, operands, result,
+                 ins: Instruction) -> Collective:
+    """A collective of ``kind`` reading ``operands`` (names in ``comp``) into ``result``."""
     in_b = sum(nbytes(comp.shape(o)) for o in operands)
     out_b = nbytes(result)
     n = _group_size(ins, self.module.num_devices)
@@ -504,17 +506,17 @@ class ChipSpec:
   hbm_capacity: int
 
 
-# Peak bf16 FLOP/s, HBM bandwidth and capacity: Google Cloud's TPU pages (cloud.google.com/tpu/docs/
-# v4, v5e, v5p, v6e). ICI: the pages give each chip's aggregate link bandwidth (v4 2,400 Gbps
-# (300 GB/s), v5e 1,600 Gbps (200 GB/s), v5p 4,800 Gbps (600 GB/s), v6e 3,584 Gbps (448 GB/s)),
-# which a ring collective over one mesh axis does not reach; we ASSUME about a third to a half of it
-# as the achieved per-chip collective bandwidth (v4 100, v5e 100, v5p 200, v6e 180 GB/s). Measure
-# and adjust on real chips.
+# Peak bf16 FLOP/s, HBM bandwidth and capacity per chip: Google Cloud's TPU pages
+# (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e). ICI is an ASSUMPTION: the pages give each chip's
+# bidirectional link bandwidth (v5e 400, v5p 1200, v6e 800 GB/s; v4: 1.1 PB/s all-reduce per
+# 4096-chip pod, ~270 GB/s a chip), which one collective over one mesh axis, on a ring of a few
+# links, does not reach. We take a conservative achieved bandwidth per chip (v4 100, v5e 100, v5p
+# 200, v6e 180 GB/s); measure a step on real chips and adjust.
 _GiB = 2**30
-_V4 = ChipSpec("v4", 275e12, 1228e9, 100e9, 32 * _GiB)
+_V4 = ChipSpec("v4", 275e12, 1200e9, 100e9, 32 * _GiB)
 _V5E = ChipSpec("v5e", 197e12, 819e9, 100e9, 16 * _GiB)
 _V5P = ChipSpec("v5p", 459e12, 2765e9, 200e9, 95 * _GiB)
-_V6E = ChipSpec("v6e", 918e12, 1640e9, 180e9, 32 * _GiB)
+_V6E = ChipSpec("v6e", 918e12, 1638e9, 180e9, 32 * _GiB)
 CHIPS: dict[str, ChipSpec] = {  # by jax ``device.device_kind``
     "TPU v4": _V4, "TPU v5 lite": _V5E, "TPU v5e": _V5E, "TPU v5": _V5P, "TPU v5p": _V5P,
     "TPU v6 lite": _V6E, "TPU v6e": _V6E,
