@@ -1,26 +1,26 @@
-"""Ahead-of-time compilation for a TPU topology: does a run fit, and how much does a step cost?
+"""Ahead of time, for a TPU topology: does a run fit, and what does a step cost?
 
-  python -m tropd_jax.aot --config=configs/aime.py --topology=v5p:2x2x1
+  python -m tropd_jax.aot --config=configs/aime.py --topology=v5p:2x2x1 [--response_tokens=N] \
+      [--dump_hlo=DIR]
 
-runs on any host with ``libtpu`` installed (``requirements-tpu.txt``), no TPU needed. It builds
-the config's mesh on the topology's devices and, from abstract shapes only (no weights, no
-data), lowers and compiles every jitted phase of a training step at the config's sizes:
+runs on any host with ``libtpu`` installed (``requirements-tpu.txt``), no TPU needed. It builds the
+run's own phases (``train_step.build_phases`` and the sampling engine's programs, exactly what
+``train`` jits) on the topology's devices and compiles them from abstract shapes (no weights, no
+data):
 
-  sample/prefill, sample/decode    the student's on-policy rollouts (``rollout.micro_batch`` rows,
-                                   the largest prompt bucket, a ``max_new_tokens`` cache);
-  guided/prefill, guided/decode    the guided rollouts (context: prompt + teacher prefix);
-  teacher/prefill, teacher/decode  the teacher's responses for guidance, when generated;
-  score                            the teacher's chunked scoring of all rows of the step;
-  train                            the accumulated student update (``train.micro_batch`` rows).
+  sample/prefill, sample/decode    admitting rows into the engine, and a chunk of decode steps;
+  guided/prefill                   admitting guided rows (prompt + teacher prefix);
+  teacher/prefill, teacher/decode  the teacher's guidance responses (ahead of training);
+  to_sampler                       the student's weights copied into the decode layout;
+  score                            the teacher's scores of one packed micro-batch;
+  train/accumulate, train/apply    one micro-batch's gradient; the optimizer update.
 
-For each phase it prints, per chip, the bytes of parameters (the student's master copy, its
-compute-dtype copy while sampling, the teacher), optimizer state, KV cache, XLA's temporaries and
-the rest (arguments and outputs: rollouts, batch, teacher scores), their total against the chip's
-HBM, and XLA's flop and byte counts. It exits with status 1 when a phase does not fit with
-``--headroom`` to spare.
-
-Rows are as long as the run makes them: the longest rollout of the step (a guided row holds its
-prompt, the teacher prefix and ``max_new_tokens`` more) sets ``L`` for scoring and training.
+For each phase it prints the per-chip bytes (parameters resident and passed, optimizer state, KV
+pages, XLA's temporaries, the rest) against the chip's HBM, and the cost read from the compiled
+HLO (``hlo_cost``: loop trip counts multiplied out): FLOPs, HBM bytes, interconnect bytes, their
+roofline time on the chip, the calls a step makes, and the step's time. A step's workload follows
+from the config and the assumed lengths (``--response_tokens``, ``--prompt_tokens``), printed with
+the estimate. It exits with status 1 when a phase leaves less than ``--headroom`` of HBM free.
 """
 
 from __future__ import annotations
@@ -35,42 +35,19 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
 from tropd_jax import config as config_lib
+from tropd_jax import hlo_cost
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import models
-from tropd_jax import train
 from tropd_jax import train_step as ts
-from tropd_jax.sampling.config import SamplerConfig
-from tropd_jax.sampling.decode import cache_len, decode, prefill
+from tropd_jax.models import paged_attention as paged
+from tropd_jax.sampling import engine as engine_lib
+from tropd_jax.sampling import layout as layout_lib
 
 GiB = 2**30
-
-# HBM per chip (one JAX device per chip: v4 and v5p in megacore mode), by ``device_kind``.
-HBM_BYTES = {
-    "TPU v4": 32 * GiB,
-    "TPU v5": 95 * GiB,  # v5p
-    "TPU v5p": 95 * GiB,
-    "TPU v5 lite": 16 * GiB,  # v5e
-    "TPU v5e": 16 * GiB,
-    "TPU v6 lite": 32 * GiB,  # v6e (Trillium)
-    "TPU v6e": 32 * GiB,
-}
-
-# Checkpoints the shipped configs name, so no config.json has to be fetched.
-KNOWN_CHECKPOINTS = {
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "deepseek_r1_distill_qwen_1p5b",
-    "Skywork/Skywork-OR1-Math-7B": "skywork_or1_7b",
-    "Skywork/Skywork-OR1-7B": "skywork_or1_7b",
-    "Qwen/Qwen3-1.7B": "qwen3_1p7b",
-    "Qwen/Qwen3-4B": "qwen3_4b",
-    "Qwen/Qwen3-8B": "qwen3_8b",
-    "nvidia/Qwen3-Nemotron-4B": "qwen3_nemotron_4b",
-    "meta-llama/Llama-3.1-8B-Instruct": "llama3_8b",
-}
-
 KINDS = ("params", "optimizer", "kv_cache", "temp", "other")
+PACKING_FILL = 0.97  # Real tokens per position of packed rows (first fit, longest first).
 
 
 def tpu_devices(topology: str, chip_config: str | None = "auto") -> list:
@@ -95,117 +72,101 @@ def tpu_devices(topology: str, chip_config: str | None = "auto") -> list:
   return list(desc.devices)
 
 
-def hbm_bytes(device) -> int:
-  kind = device.device_kind
-  if kind not in HBM_BYTES:
-    raise ValueError(f"HBM of {kind!r} is unknown; pass --hbm_gib.")
-  return HBM_BYTES[kind]
+def model_config(path: str, dtype: str) -> models.ModelConfig:
+  """The architecture at ``path``: a hub id with a preset (``models.HUB_PRESETS``), else its
+  config.json (local, gs:// or fetched from the hub)."""
+  if path in models.HUB_PRESETS:
+    return models.ModelConfig.preset(models.HUB_PRESETS[path], dtype=dtype)
+  return models.load_config(path, dtype=dtype)
 
 
-def model_config(path: str, dtype: str, preset: str | None = None) -> models.ModelConfig:
-  """The architecture at ``path``: a preset, a known hub id, or a local ``config.json``."""
-  if preset:
-    return models.ModelConfig.preset(preset, dtype=dtype)
-  if path in KNOWN_CHECKPOINTS:
-    return models.ModelConfig.preset(KNOWN_CHECKPOINTS[path], dtype=dtype)
-  config_json = os.path.join(path, "config.json")
-  if os.path.exists(config_json):
-    return models.ModelConfig.from_hf_config(config_json, dtype=dtype)
-  raise ValueError(
-      f"cannot tell the architecture of {path!r}: pass --student_preset/--teacher_preset "
-      f"(one of {sorted(models.PRESETS)}) or a directory with a config.json.")
+# --- What a step does ---------------------------------------------------------------------------
 
 
-# --- abstract arrays -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A step's work at assumed lengths (the estimate's input, printed with it).
+
+  Attributes:
+    rows, guided_rows: sequences per step, and how many of them are guided.
+    prompt_tokens, response_tokens: assumed mean lengths.
+    prefix_tokens: mean teacher prefix of a guided row (the cosine schedule's mean: half the
+      response).
+    decode_tokens: tokens the sampler draws per step.
+    sequence_tokens: tokens scored and trained per step.
+    packed_rows, micro_batches: rows of ``train.pack_length`` after packing, and micro-batches.
+    decode_iterations: decode steps per step (every slot busy).
+    mean_live_tokens: mean tokens in a busy slot's cache.
+  """
+
+  rows: int
+  guided_rows: int
+  prompt_tokens: int
+  response_tokens: int
+  prefix_tokens: int
+  decode_tokens: int
+  sequence_tokens: int
+  packed_rows: int
+  micro_batches: int
+  decode_iterations: float
+  mean_live_tokens: float
+
+  @classmethod
+  def of(cls, s: config_lib.Settings, *, prompt_tokens: int, response_tokens: int,
+         slots: int) -> Workload:
+    r = s.rollout
+    on_policy = r.prompts_per_step * r.num_samples
+    guided = r.prompts_per_step * r.guided_per_prompt
+    prefix = response_tokens // 2 if guided else 0
+    decode = on_policy * response_tokens + guided * (response_tokens - prefix)
+    tokens = (on_policy + guided) * (prompt_tokens + response_tokens)
+    packed = math.ceil(tokens / (s.train.pack_length * PACKING_FILL))
+    packed = -(-packed // s.train.micro_batch) * s.train.micro_batch
+    return cls(on_policy + guided, guided, prompt_tokens, response_tokens, prefix, decode, tokens,
+               packed, packed // s.train.micro_batch, decode / slots,
+               prompt_tokens + response_tokens / 2)
 
 
-def _sds(shape, dtype, axes, mesh) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.named_sharding(axes, shape, mesh))
-
-
-def _with_shardings(shapes, shardings):
-  return jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def _outputs(lowered, compiled):
-  """The program's outputs as ShapeDtypeStructs carrying their compiled shardings."""
-  return _with_shardings(lowered.out_info, compiled.output_shardings)
-
-
-def chip_bytes(tree) -> int:
-  """Bytes of ``tree`` on the first device (its shard of every leaf)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
-  return total
-
-
-def abstract_params(cfg: models.ModelConfig, mesh, **kwargs):
-  """``(graphdef, params)``: parameters as sharded ShapeDtypeStructs (no memory)."""
-  graphdef, state = nnx.split(models.abstract_model(cfg, **kwargs))
-  state = jax.tree.map(
-      lambda var, sharding: var.replace(
-          jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)),
-      state, models.param_shardings(state, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return graphdef, state
-
-
-def _cast(tree, dtype):
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                                     else x.dtype, sharding=x.sharding), tree)
-
-
-def abstract_batch(rows: int, length: int, mesh) -> ts.Batch:
-  """A ``train_step.Batch`` of ``rows x length`` with the run's shardings (rows over batch axes)."""
-
-  def field(name):
-    if name == "row_ids":
-      return _sds((rows,), jnp.int32, ("batch",), mesh)
-    if name.endswith("_mask"):
-      dtype = jnp.bool_
-    elif name.endswith("logp"):
-      dtype = jnp.float32
-    elif name in ("inputs", "targets"):
-      dtype = jnp.int32
-    else:
-      raise ValueError(f"train_step.Batch.{name}: unknown field; teach aot.abstract_batch it.")
-    return _sds((rows, length), dtype, ("batch", None), mesh)
-
-  return ts.Batch(**{f.name: field(f.name) for f in dataclasses.fields(ts.Batch)})
-
-
-# --- phases --------------------------------------------------------------------------------------
+# --- Phases -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Phase:
-  """One compiled program and what else is resident on the chips while it runs.
+  """One compiled program: its memory, its cost per call, and its calls per step.
 
   Attributes:
-    name: e.g. ``train``.
+    name: e.g. ``train/accumulate``.
     shapes: a short description of the program's main shapes.
-    calls: calls per optimizer step.
+    calls: calls per optimizer step (0: not part of a step, e.g. teacher responses ahead).
     bytes: per-chip bytes by kind (``KINDS``).
-    flops, bytes_accessed: XLA's cost analysis of one call (per chip).
+    cost: ``hlo_cost.ProgramCost`` of one call.
+    seconds: the roofline time of one call on the chip.
+    bound_by: what bounds it (``compute``, ``hbm``, ``collective``).
     compile_s: seconds to lower and compile.
-    kernels: Pallas (``tpu_custom_call``) kernels in the program: splash attention on TPU.
+    kernels: Pallas kernel calls in the program (splash, paged attention).
+    hlo: the compiled program's HLO text.
+    note: how the per-step time was scaled, if it was.
   """
 
   name: str
   shapes: str
-  calls: int
+  calls: float
   bytes: dict[str, int]
-  flops: float
-  bytes_accessed: float
+  cost: hlo_cost.ProgramCost
+  seconds: float
+  bound_by: str
   compile_s: float
-  kernels: int = 0
+  kernels: int
+  hlo: str
+  note: str = ""
 
   @property
   def total(self) -> int:
     return sum(self.bytes.values())
+
+  @property
+  def step_seconds(self) -> float:
+    return self.calls * self.seconds
 
 
 @dataclasses.dataclass
@@ -214,9 +175,12 @@ class Report:
   device_kind: str
   num_chips: int
   mesh_shape: dict[str, int]
-  attention: str
+  decode_layout: str
+  chip: hlo_cost.ChipSpec
   hbm: int
   headroom: float
+  workload: Workload
+  steps: int
   phases: list[Phase]
   notes: list[str]
 
@@ -228,193 +192,305 @@ class Report:
   def fits(self) -> bool:
     return self.peak <= (1 - self.headroom) * self.hbm
 
-
-def _compile(fn: Callable, *args, **kwargs):
-  t0 = time.perf_counter()
-  lowered = fn.lower(*args, **kwargs)
-  compiled = lowered.compile()
-  return lowered, compiled, time.perf_counter() - t0
+  @property
+  def step_seconds(self) -> float:
+    return sum(p.step_seconds for p in self.phases)
 
 
-def _phase(name, shapes, calls, lowered, compiled, seconds, *, resident: dict[str, int],
-           inside: dict[str, int]) -> Phase:
-  """Per-chip bytes of a phase.
-
-  ``resident``: bytes by kind that live on the chips but are not the program's arguments or
-  outputs; ``inside``: bytes by kind among its arguments and outputs (counted once). The rest of
-  arguments + outputs - aliased (donated) buffers, and the program's code, is ``other``.
-  """
-  mem = compiled.memory_analysis()
-  program = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-  other = program - sum(inside.values()) + mem.generated_code_size_in_bytes
-  by_kind = dict.fromkeys(KINDS, 0)
-  for part in (resident, inside):
-    for kind, n in part.items():
-      by_kind[kind] += n
-  by_kind["temp"] += mem.temp_size_in_bytes
-  by_kind["other"] += max(other, 0)
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, list):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  return Phase(name, shapes, calls, by_kind, float(cost.get("flops", 0.0)),
-               float(cost.get("bytes accessed", 0.0)), seconds,
-               lowered.as_text().count("tpu_custom_call"))
+def _sds(shape, dtype, axes, mesh) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.named_sharding(axes, shape, mesh))
 
 
-def _sampler_phases(prefix, graphdef, state, scfg: SamplerConfig, *, prompts: int, n: int,
-                    context_len: int, mesh, resident: dict[str, int], log) -> list[Phase]:
-  """Prefill + decode of one rollout micro-batch, as ``Sampler.rollout`` splits the rows."""
-  b = scfg.rows_per_micro_batch(prompts * n, n)
-  contexts = b // n
-  calls = -(-prompts // contexts)
-  tokens = _sds((contexts, context_len), jnp.int32, ("batch", "length"), mesh)
-  mask = _sds((contexts, context_len), jnp.bool_, ("batch", "length"), mesh)
-  seed = jax.ShapeDtypeStruct((), jnp.int32)
-  row_ids = _sds((b,), jnp.int32, ("batch",), mesh)
-  state_bytes = chip_bytes(state)
-  shapes = (f"{contexts} contexts x {n} = {b} rows, context {context_len}, "
-            f"cache {cache_len(scfg, context_len)}")
-  log(f"compiling {prefix}/prefill ({shapes}) ...")
-  lowered, compiled, secs = _compile(prefill, graphdef, state, tokens, mask, seed, row_ids,
-                                     config=scfg, n=n)
-  cache, first, first_logp, keys = _outputs(lowered, compiled)
-  kv = chip_bytes(cache)
-  phases = [_phase(f"{prefix}/prefill", shapes, calls, lowered, compiled, secs,
-                   resident=resident, inside={"params": state_bytes, "kv_cache": kv})]
-  log(f"  {secs:.0f} s; compiling {prefix}/decode ...")
-  lowered, compiled, secs = _compile(decode, graphdef, state, cache, first, first_logp, keys,
-                                     tokens, mask, mask, config=scfg, n=n)
-  phases.append(_phase(f"{prefix}/decode", shapes + f", {scfg.max_new_tokens} steps", calls,
-                       lowered, compiled, secs, resident=resident,
-                       inside={"params": state_bytes, "kv_cache": kv}))
-  log(f"  {secs:.0f} s")
-  return phases
+def _outputs(lowered, compiled):
+  """The program's outputs as ShapeDtypeStructs carrying their compiled shardings."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      lowered.out_info, compiled.output_shardings)
 
 
-def compile_run(config: ml_collections.ConfigDict, devices, *,
-                student_preset: str | None = None, teacher_preset: str | None = None,
-                only: tuple[str, ...] = (),
-                log: Callable[[str], None] = print) -> tuple[list[Phase], list[str]]:
-  """Lowers and compiles every phase of a step of ``config`` on ``devices``; see the module doc.
+def _estimate(cost: hlo_cost.ProgramCost, chip: hlo_cost.ChipSpec, extra_hbm: float = 0.0):
+  parts = {"compute": cost.flops / chip.peak_flops,
+           "hbm": (cost.hbm_bytes + extra_hbm) / chip.hbm_bytes_per_s,
+           "collective": cost.collective_bytes / chip.ici_bytes_per_s}
+  bound = max(parts, key=parts.get)
+  return parts[bound], bound
 
-  ``only``: compile just these phase groups (``sample``, ``teacher``, ``guided``, ``score``,
-  ``train``); the shapes are the same as in a full run.
-  """
+
+class _Compiler:
+  """Lowers and compiles phases on ``mesh``, recording each one's memory and cost."""
+
+  def __init__(self, mesh, chip, log, resident_base: dict[str, int]):
+    self.mesh, self.chip, self.log = mesh, chip, log
+    self.resident_base = resident_base
+    self.phases: list[Phase] = []
+
+  def compile(self, name: str, shapes: str, calls: float, fn, *args, resident=None, inside=None,
+              trip_count=1, extra_hbm: float = 0.0, scale: float = 1.0, note: str = "",
+              **kwargs):
+    self.log(f"compiling {name} ({shapes}) ...")
+    t0 = time.perf_counter()
+    with jax.set_mesh(self.mesh):
+      lowered = fn.lower(*args, **kwargs)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    self.log(f"  {seconds:.0f} s")
+    hlo = compiled.as_text()
+    cost = hlo_cost.analyze(hlo, unknown_trip_count=trip_count)
+    mem = compiled.memory_analysis()
+    program = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    by_kind = dict.fromkeys(KINDS, 0)
+    for part in (resident if resident is not None else self.resident_base, inside or {}):
+      for kind, n in part.items():
+        by_kind[kind] += n
+    by_kind["temp"] += mem.temp_size_in_bytes
+    by_kind["other"] += max(program - sum((inside or {}).values())
+                            + mem.generated_code_size_in_bytes, 0)
+    call_s, bound = _estimate(cost, self.chip, extra_hbm)
+    phase = Phase(name, shapes, calls, by_kind, cost, call_s * scale, bound, seconds,
+                  hlo.count("custom_call_target=\"tpu_custom_call\""), hlo, note)
+    self.phases.append(phase)
+    return lowered, compiled
+
+
+def _decode_iteration(phase: Phase, chip, extra_hbm: float) -> tuple[float, str]:
+  """Roofline time of one decode step: the decode loop's body (+ attention read in place)."""
+  loops = [lp for lp in phase.cost.loops if not lp.loop_path]
+  body = max(loops, key=lambda lp: lp.hbm_bytes) if loops else None
+  if body is None:
+    return phase.seconds, phase.bound_by
+  parts = {"compute": body.flops / chip.peak_flops,
+           "hbm": (body.hbm_bytes + extra_hbm) / chip.hbm_bytes_per_s,
+           "collective": body.collective_bytes / chip.ici_bytes_per_s}
+  bound = max(parts, key=parts.get)
+  return parts[bound], bound
+
+
+def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
+                prompt_tokens: int | None = None, response_tokens: int | None = None,
+                only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> Report:
+  """Compiles every phase of a step of ``config`` on ``devices``; see the module doc."""
   wanted = lambda group: not only or group in only
-  config_lib.validate(config)
-  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**config.mesh), devices)
-  r, t = config.rollout, config.train
-  obj = config_lib.objective_config(config)
-  s_cfg = model_config(config.student.path, config.student.dtype, student_preset)
-  t_cfg = model_config(config.teacher.path, config.teacher.dtype, teacher_preset)
+  s = config_lib.settings(config)
+  mesh = mesh_lib.make_mesh(s.mesh, devices)
+  r, t, obj = s.rollout, s.train, s.objective
+  chip = hlo_cost.chip_spec(devices[0].device_kind)
+  prompt_tokens = prompt_tokens or max(s.max_prompt_tokens // 2, 1)
+  response_tokens = response_tokens or max(r.max_new_tokens // 2, 1)
+  s_cfg = model_config(s.student.path, s.student.dtype)
+  t_cfg = model_config(s.teacher.path, s.teacher.dtype)
   vocab_size = min(s_cfg.vocab_size, t_cfg.vocab_size)
-  compute = jnp.dtype(config.student.compute_dtype)
+  compute = jnp.dtype(s.student.compute_dtype)
   notes = []
 
-  attention = config.attention_impl
-  s_graph, s_params = abstract_params(s_cfg, mesh, remat=config.student.remat,
-                                      attention_impl=attention)
-  t_graph, t_params = abstract_params(t_cfg, mesh, attention_impl=attention)
-  tx = train.optimizer_from_config(config)
-  # As train.setup: jax.jit(tx.init, out_shardings=ts.opt_state_shardings(tx, params)).
-  opt_state = _with_shardings(jax.eval_shape(tx.init, s_params),
-                              ts.opt_state_shardings(tx, s_params))
+  s_graph, s_params = ts.abstract_params(s_cfg, mesh, remat=s.student.remat,
+                                         attention_impl=s.attention_impl)
+  t_graph, t_params = ts.abstract_params(t_cfg, mesh, attention_impl=s.attention_impl)
+  tx = s.optimizer.make()
+  state = ts.abstract_state(tx, s_params)
+  student_b = layout_lib.chip_bytes(s_params)
+  teacher_b = layout_lib.chip_bytes(t_params)
+  opt_b = layout_lib.chip_bytes(state.opt_state)
 
+  # The sampler: the trainer's settings, the checkpoint's EOS ids for the tokenizer's.
+  scfg = r.sampler(stop_ids=s_cfg.eos_token_id, pad_id=0, vocab_size=vocab_size)
+  shards_of = lambda layout: _batch_shards(mesh, layout)
+  kv_per_token = 2 * s_cfg.num_layers * s_cfg.num_kv_heads * s_cfg.head_dim * compute.itemsize
+  width = -(-scfg.max_row_tokens // scfg.page_size)
+  compute_params = ts.cast(s_params, compute)
+  resident = {"params": student_b + teacher_b, "optimizer": opt_b}
+  layout, why = layout_lib.choose(
+      r.decode_layout, weight_bytes=layout_lib.tree_bytes(compute_params),
+      kv_bytes_per_chip=_pool_pages(scfg, r.slots, width, shards_of("replicated"))
+      * scfg.page_size * kv_per_token // shards_of("replicated"),
+      resident_per_chip=student_b + teacher_b + opt_b, mesh=mesh, hbm=hbm)
+  notes.append(f"decode layout {layout}: {why}.")
+  rules = mesh_lib.DECODE_RULES[layout]
+  shards = shards_of(layout)
+  slots = -(-r.slots // shards) * shards
+  pages = _pool_pages(scfg, slots, width, shards)
+  work = Workload.of(s, prompt_tokens=prompt_tokens, response_tokens=response_tokens,
+                     slots=slots)
+  sampler_shardings = layout_lib.param_shardings(s_params, mesh, layout)
+  decode_params = layout_lib.abstract_copy(s_params, mesh, layout, compute)
+  phases = ts.build_phases(s, mesh, student_graphdef=s_graph, teacher_graphdef=t_graph,
+                           state_shardings=ts.state_shardings(state), vocab_size=vocab_size,
+                           sampler_shardings=sampler_shardings)
+  compiler = _Compiler(mesh, chip, log, resident)
+  decode_b = layout_lib.chip_bytes(decode_params)
+
+  def engine_phases(prefix, graph, model_cfg, params, cfg, *, context: int, rows: float,
+                    decode: bool, per_step: bool, live_tokens: float, iterations: float):
+    """Compiles an engine's prefill (and decode) at ``context`` tokens; ``rows`` admitted and
+    ``iterations`` decode steps per step (or per run, for teacher responses)."""
+    state_sds = _engine_state(model_cfg, cfg, mesh, rules, slots, pages, width)
+    pool_b = layout_lib.chip_bytes((state_sds.k_pages, state_sds.v_pages))
+    inside = {"params": layout_lib.chip_bytes(params), "kv_cache": pool_b}
+    t = cfg.bucket(context)
+    rows_local = max(1, min(slots // shards, cfg.prefill_tokens // t))
+    n_rows = rows_local * shards
+    row = lambda shape, dtype, axes: _sds(shape, dtype, axes, mesh)
+    with mesh_lib.use_rules(rules):
+      args = (graph, params, state_sds, row((n_rows, t), jnp.int32, ("batch", None)),
+              row((n_rows,), jnp.int32, ("batch",)), row((n_rows,), jnp.int32, ("batch",)),
+              row((n_rows, width), jnp.int32, ("batch", None)),
+              row((n_rows,), jnp.int32, ("batch",)), row((n_rows,), jnp.int32, ("batch",)),
+              jax.ShapeDtypeStruct((), jnp.int32))
+    calls = rows / n_rows if per_step else 0.0
+    scale = min(1.0, live_tokens / t) if prefix == "guided" else 1.0
+    compiler.compile(f"{prefix}/prefill", f"{n_rows} rows x {t} context, pool {pages} pages "
+                     f"x {cfg.page_size}", calls, engine_lib._prefill, *args, config=cfg,
+                     rules=_rules_key(rules), resident=resident, inside=inside, scale=scale,
+                     note="time scaled to the mean context" if scale < 1 else "")
+    if not decode:
+      return
+    bucket = min(_pow2(-(-int(live_tokens + cfg.chunk_steps) // cfg.page_size)), width)
+    with mesh_lib.use_rules(rules):
+      d_args = (graph, params, state_sds, row((slots, width), jnp.int32, ("batch", None)),
+                jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                row((slots,), jnp.bool_, ("batch",)))
+    c = model_cfg
+    with jax.set_mesh(mesh):
+      pallas = paged.resolve_impl(cfg.attention, c.head_dim) == "pallas"
+    # The Pallas kernel reads a row's live pages in place; XLA cannot see into it.
+    kv_read = (slots / shards) * live_tokens * 2 * c.num_layers * c.num_kv_heads * c.head_dim \
+        * compute.itemsize / max(_kv_head_shards(mesh, c, rules), 1) if pallas else 0.0
+    compiler.compile(f"{prefix}/decode", f"{slots} slots, {cfg.chunk_steps} steps a call, "
+                     f"attention over {bucket} pages", iterations if per_step else 0.0,
+                     engine_lib._decode, *d_args, config=cfg, rules=_rules_key(rules),
+                     pages_bucket=bucket, resident=resident, inside=inside,
+                     trip_count=1, note="per decode step")
+    phase = compiler.phases[-1]
+    phase.seconds, phase.bound_by = _decode_iteration(phase, chip, kv_read)
+    if not per_step:
+      notes.append(f"{prefix}/*: {iterations:.0f} decode steps for the run's prompts, ahead of "
+                   f"training: {iterations * phase.seconds / 60:.1f} min by the same roofline.")
+
+  if wanted("sample"):
+    engine_phases("sample", s_graph, s_cfg, decode_params, scfg, context=prompt_tokens,
+                  rows=work.rows - work.guided_rows, decode=True, per_step=True,
+                  live_tokens=work.mean_live_tokens, iterations=work.decode_iterations)
+  if work.guided_rows and wanted("guided"):
+    engine_phases("guided", s_graph, s_cfg, decode_params, scfg,
+                  context=r.prompt_buckets[-1] + r.max_new_tokens - 1, rows=work.guided_rows,
+                  decode=False, per_step=True, live_tokens=prompt_tokens + work.prefix_tokens,
+                  iterations=0)
+  if work.guided_rows and not config.data.teacher_response_key and wanted("teacher"):
+    tcfg = r.sampler(stop_ids=t_cfg.eos_token_id, pad_id=0, vocab_size=vocab_size, teacher=True)
+    t_layout, _ = layout_lib.choose(r.decode_layout, weight_bytes=layout_lib.tree_bytes(t_params),
+                                    kv_bytes_per_chip=0, resident_per_chip=student_b + teacher_b
+                                    + opt_b, mesh=mesh, hbm=hbm)
+    t_decode = layout_lib.abstract_copy(t_params, mesh, t_layout)
+    prompts = s.steps * r.prompts_per_step
+    engine_phases("teacher", t_graph, t_cfg, t_decode, tcfg, context=prompt_tokens, rows=prompts,
+                  decode=True, per_step=False, live_tokens=prompt_tokens + response_tokens / 2,
+                  iterations=prompts * response_tokens / slots)
+
+  if wanted("score") or wanted("train"):
+    compiler.compile("to_sampler", "the student's weights into the decode layout", 1,
+                     phases.to_sampler, s_params, inside={"params": student_b + decode_b},
+                     resident={"params": teacher_b, "optimizer": opt_b})
+  mb_shapes = f"{t.micro_batch} rows x {t.pack_length}, chunk {t.score_chunk}"
+  batch = ts.abstract_batch(t.micro_batch, t.pack_length, mesh)
+  scores_b = 0
   with jax.set_mesh(mesh):
-    step = _sds((), jnp.int32, (), mesh)
-    state = ts.TrainState(s_params, opt_state, step)
-    student_b, teacher_b, opt_b = chip_bytes(s_params), chip_bytes(t_params), chip_bytes(opt_state)
-    s_compute = (s_params if s_cfg.dtype == config.student.compute_dtype
-                 else _cast(s_params, compute))
-    sampling_copy = 0 if s_compute is s_params else chip_bytes(s_compute)
-
-    # The trainer's sampler settings; the checkpoint's EOS ids stand in for the tokenizer's.
-    scfg = train.sampler_config(config, stop_ids=s_cfg.eos_token_id, pad_id=0,
-                                vocab_size=vocab_size)
-    phases = []
-    prompt_len = scfg.bucket(config.data.max_prompt_tokens)
-    resident = {"params": student_b + teacher_b, "optimizer": opt_b}
-    n = r.num_samples
-    row_len = prompt_len + r.max_new_tokens
-    if wanted("sample"):
-      phases += _sampler_phases("sample", s_graph, s_compute, scfg, prompts=r.prompts_per_step,
-                                n=n, context_len=prompt_len, mesh=mesh, resident=resident,
-                                log=log)
-    if obj.guidance and config.guidance.per_prompt:
-      g = config.guidance.per_prompt
-      if not config.data.teacher_response_key and wanted("teacher"):
-        tcfg = train.sampler_config(
-            config, stop_ids=t_cfg.eos_token_id, pad_id=0, vocab_size=vocab_size,
-            max_new_tokens=config.guidance.max_teacher_tokens,
-            temperature=config.guidance.teacher_temperature)
-        t_compute = _cast(t_params, compute)
-        phases += _sampler_phases(
-            "teacher", t_graph, t_compute, tcfg, prompts=r.prompts_per_step, n=1,
-            context_len=prompt_len, mesh=mesh,
-            resident={"params": student_b + sampling_copy, "optimizer": opt_b}, log=log)
-        notes.append("teacher/*: generating teacher responses for guidance, once per prompt "
-                     "(cached in the workdir).")
-      elif config.data.teacher_response_key:
-        notes.append("guided contexts assume teacher responses of at most "
-                     "guidance.max_teacher_tokens tokens (data.teacher_response_key is set).")
-      guided_len = scfg.bucket(config.data.max_prompt_tokens + config.guidance.max_teacher_tokens)
-      guided_row = guided_len + r.max_new_tokens
-      if wanted("guided"):
-        phases += _sampler_phases("guided", s_graph, s_compute, scfg, prompts=r.prompts_per_step,
-                                  n=g, context_len=guided_len, mesh=mesh, resident=resident,
-                                  log=log)
-      row_len = max(row_len, guided_row)
-      notes.append(f"guided rows: prompt + teacher prefix (up to {guided_len} tokens) + "
-                   f"max_new_tokens, so every row of the step is padded to {guided_row}.")
-
-    rows, length = config_lib.rows_per_step(config), row_len - 1
-    batch = abstract_batch(rows, length, mesh)
-    common = dict(chunk_size=t.score_chunk, vocab_size=vocab_size, micro_batch=t.micro_batch)
-    shapes = f"{rows} rows x {length}, micro-batch {t.micro_batch}, chunk {t.score_chunk}"
-    scorer = ts.make_teacher_scorer(t_graph, top_k=obj.top_k, **common,
-                                    compute_dtype=jnp.dtype(config.teacher.dtype))
-    # The teacher's scores as the train step gets them: rows over the batch axes (the scorer's
-    # compiled output shardings when it is compiled here).
     teacher = jax.tree.map(lambda x: _sds(x.shape, x.dtype, ("batch",) + (None,) * (x.ndim - 1),
-                                          mesh), jax.eval_shape(scorer, t_params, batch))
-    if wanted("score"):
-      log(f"compiling score ({shapes}) ...")
-      lowered, compiled, secs = _compile(jax.jit(scorer), t_params, batch)  # as train._Phases
-      teacher = _outputs(lowered, compiled)
-      phases.append(_phase("score", shapes, 1, lowered, compiled, secs,
-                           resident={"params": student_b, "optimizer": opt_b},
-                           inside={"params": teacher_b}))
-      log(f"  {secs:.0f} s")
-    old_logp = None
-    if t.ppo_epochs > 1:
-      old_logp = _sds((rows, length), jnp.float32, ("batch", None), mesh)
+                                          mesh), jax.eval_shape(phases.score, t_params, batch))
+  scores_b = layout_lib.chip_bytes(teacher) * work.micro_batches
+  if wanted("score"):
+    compiler.compile("score", mb_shapes, work.micro_batches, phases.score, t_params, batch,
+                     resident={"params": student_b, "optimizer": opt_b,
+                               "other": scores_b},
+                     inside={"params": teacher_b})
+  if wanted("train"):
+    with jax.set_mesh(mesh):
+      acc = jax.eval_shape(phases.zeros, s_params)
+    acc = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), acc,
+                       (jax.tree.map(lambda x: x.sharding, s_params),
+                        jax.tree.map(lambda _: jax.sharding.NamedSharding(
+                            mesh, jax.sharding.PartitionSpec()), acc[1])))
+    acc_b = layout_lib.chip_bytes(acc)
     key = _sds((2,), jnp.uint32, (None,), mesh)
-    update = jax.jit(
-        ts.make_train_step(s_graph, tx, obj, **common, compute_dtype=compute),
-        out_shardings=(jax.tree.map(lambda x: x.sharding, state), None), donate_argnums=(0,))
-    if wanted("train"):
-      log(f"compiling train ({shapes}) ...")
-      lowered, compiled, secs = _compile(update, state, batch, teacher, key, old_logp)
-      phases.append(_phase("train", shapes, t.ppo_epochs, lowered, compiled, secs,
-                           resident={"params": teacher_b},
-                           inside={"params": student_b, "optimizer": opt_b}))
-      log(f"  {secs:.0f} s")
-  return phases, notes
+    step = _sds((), jnp.int32, (), mesh)
+    old = _sds(batch.targets.shape, jnp.float32, ("batch", None), mesh) if t.ppo_epochs > 1 \
+        else None
+    compiler.compile("train/accumulate", mb_shapes, work.micro_batches * t.ppo_epochs,
+                     phases.accumulate, acc, s_params, batch, teacher, key, step,
+                     jax.ShapeDtypeStruct((), jnp.float32), old,
+                     resident={"params": teacher_b + student_b, "optimizer": opt_b,
+                               "other": scores_b},
+                     inside={"params": acc_b})
+    compiler.compile("train/apply", "the optimizer update", t.ppo_epochs, phases.apply, state,
+                     *acc, resident={"params": teacher_b, "other": scores_b},
+                     inside={"params": student_b + acc_b, "optimizer": opt_b})
+  report = Report(
+      topology="", device_kind=devices[0].device_kind, num_chips=len(devices),
+      mesh_shape=dict(zip(mesh_lib.MESH_AXES, s.mesh.shape(len(devices)))), decode_layout=layout,
+      chip=chip, hbm=hbm, headroom=0.1, workload=work, steps=s.steps, phases=compiler.phases,
+      notes=notes)
+  return report
+
+
+def _batch_shards(mesh, layout: str) -> int:
+  with mesh_lib.use_rules(mesh_lib.DECODE_RULES[layout]):
+    return mesh_lib.batch_shards(mesh)
+
+
+def _pool_pages(scfg, slots: int, width: int, shards: int) -> int:
+  pages = scfg.num_pages or slots * width + shards
+  return -(-pages // shards) * shards
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _rules_key(rules) -> tuple:
+  return tuple(sorted((k, tuple(v)) for k, v in rules.items()))
+
+
+def _kv_head_shards(mesh, cfg, rules) -> int:
+  with mesh_lib.use_rules(rules):
+    spec = mesh_lib.logical_to_spec(("kv_heads",), (cfg.num_kv_heads,), mesh)[0]
+  if spec is None:
+    return 1
+  axes = spec if isinstance(spec, tuple) else (spec,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _engine_state(model_cfg, cfg, mesh, rules, slots: int, pages: int, width: int):
+  """The engine state's ShapeDtypeStructs with the shardings ``Engine.generate`` gives them."""
+  dtype = jnp.dtype(cfg.cache_dtype or model_cfg.dtype).name
+  with jax.set_mesh(mesh):
+    lowered = engine_lib._init_state.lower(model_cfg, cfg, slots=slots, pages=pages,
+                                           pages_per_row=width, dtype=dtype,
+                                           rules=_rules_key(rules))
+    return _outputs(lowered, lowered.compile())
+
+
+# --- Report -------------------------------------------------------------------------------------
 
 
 def run(config: ml_collections.ConfigDict, topology: str, *, headroom: float = 0.1,
         chip_config: str | None = "auto", hbm_gib: float | None = None,
-        student_preset: str | None = None, teacher_preset: str | None = None,
+        prompt_tokens: int | None = None, response_tokens: int | None = None,
         only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> Report:
-  """Compiles ``config`` for ``topology`` and returns the per-chip memory ``Report``."""
+  """Compiles ``config`` for ``topology``; returns the per-chip memory and time ``Report``."""
   devices = tpu_devices(topology, chip_config)
-  hbm = int(hbm_gib * GiB) if hbm_gib else hbm_bytes(devices[0])
-  mesh_shape = dict(zip(mesh_lib.MESH_AXES,
-                        mesh_lib.MeshConfig(**config.mesh).shape(len(devices))))
-  phases, notes = compile_run(config, devices, student_preset=student_preset,
-                              teacher_preset=teacher_preset, only=only, log=log)
-  return Report(topology, devices[0].device_kind, len(devices), mesh_shape,
-                config.attention_impl, hbm, headroom, phases, notes)
+  hbm = int(hbm_gib * GiB) if hbm_gib else hlo_cost.chip_spec(devices[0].device_kind).hbm_capacity
+  report = compile_run(config, devices, hbm=hbm, prompt_tokens=prompt_tokens,
+                       response_tokens=response_tokens, only=only, log=log)
+  return dataclasses.replace(report, topology=topology, headroom=headroom)
+
+
+def dump_hlo(report: Report, directory: str) -> list[str]:
+  """Writes each phase's compiled HLO to ``<directory>/<phase>.hlo``; returns the paths."""
+  paths = []
+  for p in report.phases:
+    path = os.path.join(directory, f"{p.name}.hlo")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      f.write(p.hlo)
+    paths.append(path)
+  return paths
 
 
 def _gib(n: float) -> str:
@@ -422,18 +498,19 @@ def _gib(n: float) -> str:
 
 
 def format_report(report: Report) -> str:
-  """The per-chip table: bytes by kind and total per phase, then XLA's costs."""
+  """The per-chip memory table, then the cost and time table and the step estimate."""
   mesh = " ".join(f"{k}={v}" for k, v in report.mesh_shape.items())
+  chip, w = report.chip, report.workload
   lines = [
-      f"topology {report.topology}: {report.num_chips} x {report.device_kind}, "
-      f"HBM {_gib(report.hbm)} GiB per chip; mesh {mesh}; attention {report.attention}",
+      f"topology {report.topology}: {report.num_chips} x {report.device_kind}, HBM "
+      f"{_gib(report.hbm)} GiB per chip; mesh {mesh}; decode layout {report.decode_layout}",
       "",
-      "per chip, GiB     params  optimizer  kv_cache     temp    other    total  headroom",
+      "per chip, GiB       params  optimizer  kv_cache     temp    other    total  headroom",
   ]
   for p in report.phases:
     b = p.bytes
     lines.append(
-        f"{p.name:<16} {_gib(b['params']):>7} {_gib(b['optimizer']):>10} "
+        f"{p.name:<18} {_gib(b['params']):>7} {_gib(b['optimizer']):>10} "
         f"{_gib(b['kv_cache']):>9} {_gib(b['temp']):>8} {_gib(b['other']):>8} "
         f"{_gib(p.total):>8} {1 - p.total / report.hbm:>8.1%}")
   verdict = "FITS" if report.fits else "DOES NOT FIT"
@@ -442,13 +519,40 @@ def format_report(report: Report) -> str:
       f"peak {_gib(report.peak)} GiB of {_gib(report.hbm)} GiB "
       f"(headroom {1 - report.peak / report.hbm:.1%}, required {report.headroom:.0%}): {verdict}",
       "",
-      "XLA cost per chip  calls/step  TFLOP/call   GB/call  pallas  compile s   shapes",
+      f"assumed per chip ({chip.name}): {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, HBM "
+      f"{chip.hbm_bytes_per_s / 1e9:.0f} GB/s, interconnect {chip.ici_bytes_per_s / 1e9:.0f} "
+      "GB/s (achieved, assumed)",
+      f"workload per step: {w.rows} sequences ({w.guided_rows} guided), prompts "
+      f"{w.prompt_tokens} tokens, responses {w.response_tokens} tokens (--prompt_tokens, "
+      f"--response_tokens); {w.decode_tokens} tokens drawn, {w.sequence_tokens} scored and "
+      f"trained in {w.packed_rows} packed rows ({w.micro_batches} micro-batches)",
+      "",
+      "per chip, per call  GFLOP      HBM GB    ICI GB  bound        ms/call   calls/step  s/step",
   ]
   for p in report.phases:
-    lines.append(f"{p.name:<18} {p.calls:>10} {p.flops / 1e12:>11.2f} "
-                 f"{p.bytes_accessed / 1e9:>9.1f} {p.kernels:>7} {p.compile_s:>10.0f}   {p.shapes}")
-  lines.append("(XLA counts a loop body once: decode is one token step, score and train one "
-               "micro-batch; pallas: Pallas kernel calls in the program, the splash attention)")
+    c = p.cost
+    per = "per decode step" if p.name.endswith("/decode") else ""
+    if per:
+      lp = max((lp for lp in c.loops if not lp.loop_path), key=lambda lp: lp.hbm_bytes,
+               default=None)
+      flops, hbm, ici = ((lp.flops, lp.hbm_bytes, lp.collective_bytes) if lp
+                         else (c.flops, c.hbm_bytes, c.collective_bytes))
+    else:
+      flops, hbm, ici = c.flops, c.hbm_bytes, c.collective_bytes
+    lines.append(
+        f"{p.name:<18} {flops / 1e9:>7.1f} {hbm / 1e9:>10.3f} {ici / 1e9:>9.3f}  "
+        f"{p.bound_by:<10} {p.seconds * 1e3:>9.3f} {p.calls:>12.1f} {p.step_seconds:>7.1f}"
+        + (f"   ({p.note})" if p.note else ""))
+  step = report.step_seconds
+  lines += [
+      "",
+      f"estimated step time: {step / 60:.2f} min ({step:.0f} s); {report.steps} steps: "
+      f"{report.steps * step / 3600:.1f} h",
+      "(roofline: each call takes the largest of FLOPs at peak, HBM bytes at bandwidth and "
+      "interconnect bytes at the assumed bandwidth, from the compiled HLO with loop trip counts "
+      "multiplied; decode steps assume every slot busy; decode attention read by the Pallas "
+      "kernel is added analytically for the mean live length)",
+  ]
   lines += [f"note: {n}" for n in report.notes]
   return "\n".join(lines)
 
@@ -457,10 +561,13 @@ def main(argv) -> None:
   del argv
   report = run(_CONFIG.value, _TOPOLOGY.value, headroom=_HEADROOM.value,
                chip_config=_CHIP_CONFIG.value or None, hbm_gib=_HBM_GIB.value,
-               student_preset=_STUDENT_PRESET.value, teacher_preset=_TEACHER_PRESET.value,
+               prompt_tokens=_PROMPT_TOKENS.value, response_tokens=_RESPONSE_TOKENS.value,
                only=tuple(_ONLY.value or ()),
                log=lambda s: print(s, file=sys.stderr, flush=True))
   print(format_report(report))
+  if _DUMP_HLO.value:
+    for path in dump_hlo(report, _DUMP_HLO.value):
+      print(f"wrote {path}", file=sys.stderr)
   sys.exit(0 if report.fits else 1)
 
 
@@ -475,11 +582,14 @@ if __name__ == "__main__":
   _CHIP_CONFIG = flags.DEFINE_string("chip_config", "auto",
                                      "libtpu chip config (auto: megacore on v4/v5p; '' for none).")
   _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per device in GiB (default: by chip kind).")
-  _STUDENT_PRESET = flags.DEFINE_string("student_preset", None,
-                                        "ModelConfig preset of the student.")
-  _TEACHER_PRESET = flags.DEFINE_string("teacher_preset", None,
-                                        "ModelConfig preset of the teacher.")
-  _ONLY = flags.DEFINE_list("only", None, "Compile only these phase groups (sample, teacher, "
-                            "guided, score, train); a partial check, for iterating on a config.")
+  _PROMPT_TOKENS = flags.DEFINE_integer(
+      "prompt_tokens", None, "Assumed mean prompt length (default: half of data.max_prompt_tokens).")
+  _RESPONSE_TOKENS = flags.DEFINE_integer(
+      "response_tokens", None,
+      "Assumed mean response length (default: half of rollout.max_new_tokens).")
+  _DUMP_HLO = flags.DEFINE_string("dump_hlo", None,
+                                  "Write each compiled phase's HLO to DIR/<phase>.hlo.")
+  _ONLY = flags.DEFINE_list("only", None, "Compile only these phase groups (sample, guided, "
+                            "teacher, score, train); a partial check, for iterating on a config.")
   flags.mark_flags_as_required(["config", "topology"])
   app.run(main)

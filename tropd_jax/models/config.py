@@ -248,3 +248,17 @@ PRESETS: dict[str, ModelConfig] = {
     ),
 }
 PRESETS["qwen3_nemotron_4b"] = PRESETS["qwen3_4b"]
+
+
+# Hub checkpoints whose architecture is one of the presets: their config.json need not be fetched
+# to compile for them ahead of time (``tropd_jax.aot``).
+HUB_PRESETS: dict[str, str] = {
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "deepseek_r1_distill_qwen_1p5b",
+    "Skywork/Skywork-OR1-Math-7B": "skywork_or1_7b",
+    "Skywork/Skywork-OR1-7B": "skywork_or1_7b",
+    "Qwen/Qwen3-1.7B": "qwen3_1p7b",
+    "Qwen/Qwen3-4B": "qwen3_4b",
+    "Qwen/Qwen3-8B": "qwen3_8b",
+    "nvidia/Qwen3-Nemotron-4B": "qwen3_nemotron_4b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama3_8b",
+}

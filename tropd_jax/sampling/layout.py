@@ -92,3 +92,20 @@ def param_shardings(params, mesh, layout: str):
 
   with mesh_lib.use_rules(mesh_lib.DECODE_RULES[layout]):
     return models.param_shardings(params, mesh)
+
+
+def abstract_copy(params, mesh, layout: str, dtype=None):
+  """ShapeDtypeStructs of the sampler's copy of ``params`` (``nnx.Param``s of arrays or
+  ShapeDtypeStructs): in ``layout``, floating leaves in ``dtype`` (default: their own)."""
+  from flax import nnx
+  import jax.numpy as jnp
+
+  def one(sharding, var):
+    value = var.value if isinstance(var, nnx.Variable) else var
+    floating = jnp.issubdtype(value.dtype, jnp.floating)
+    sds = jax.ShapeDtypeStruct(value.shape, dtype if dtype and floating else value.dtype,
+                               sharding=sharding)
+    return var.replace(sds) if isinstance(var, nnx.Variable) else sds
+
+  return jax.tree.map(one, param_shardings(params, mesh, layout), params,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
