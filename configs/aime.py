@@ -8,25 +8,20 @@ Launch (on a TPU VM; paths may be local, gs:// or hub ids):
 
 Baselines of METHOD.md §6 are variants: ``--config=configs/aime.py:opd`` (also topk_fkl, jsd,
 entropy_opd, eopd, clip_outlier, mask_outlier, fkl_outlier, tropd). Any field can be overridden
-with ``--config.a.b=value``; every field is documented in tropd_jax/config.py.
+with ``--config.a.b=value``; every field is documented in tropd_jax/config.py. What a step costs
+on a slice, before renting it: ``python -m tropd_jax.aot --config=configs/aime.py
+--topology=v5p:2x2x1``.
 """
 
-from tropd_jax.config import defaults
-from tropd_jax.objectives import OBJECTIVES
+from configs import common
 
 
 def get_config(variant: str | None = None):
-  c = defaults()
+  c = common.paper(common.base(variant))
   c.workdir = "runs/aime_tropd"  # Use a gs:// URL on TPU VMs.
-  c.seed = 0
-  c.steps = 200
 
   c.student.path = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
-  c.student.dtype = "float32"  # Master weights; AdamW at lr 5e-6 needs float32.
-  c.student.compute_dtype = "bfloat16"
-  c.student.remat = True
   c.teacher.path = "Skywork/Skywork-OR1-Math-7B"
-  c.teacher.dtype = "bfloat16"
 
   c.mesh.data = 1
   c.mesh.fsdp = -1  # All chips: parameters, optimizer state and rows sharded.
@@ -34,34 +29,17 @@ def get_config(variant: str | None = None):
 
   c.data.train_path = "open-thoughts/OpenThoughts3-1.2M-math.jsonl"  # Local copy or gs:// URL.
   c.data.prompt_key = "problem"
-  c.data.max_prompt_tokens = 1024
 
-  c.rollout.prompts_per_step = 128
-  c.rollout.num_samples = 4
-  c.rollout.max_new_tokens = 8096
-  c.rollout.temperature = 1.0
-  c.rollout.top_p = 1.0
-  c.rollout.slots = 64
+  # The sampler: 256 rows decode at once (64 per chip of a v5p-8); a finished row's slot takes
+  # the next waiting row. Pages for every slot's whole row (8096 + 1024 tokens): 17 GiB per chip.
+  c.rollout.slots = 256
+  c.rollout.page_size = 64
 
-  c.guidance.per_prompt = 1
-
-  c.objective.name = variant or "tropd"
-  c.objective.top_k = 64
-  c.objective.beta = 0.001
-
-  c.train.lr = 5e-6
-  c.train.schedule = "constant"
-  c.train.weight_decay = 0.1
-  c.train.grad_clip = 1.0
-  c.train.micro_batch = 8
+  c.train.micro_batch = 8  # Packed rows of 9216 positions: 2 per chip of a v5p-8.
   c.train.score_chunk = 512
 
   c.checkpoint.every = 20
   c.checkpoint.keep = 3
 
   c.eval.path = ""  # e.g. gs://my-bucket/data/aime24.jsonl (problem, answer)
-  c.eval.k = 32
-  c.eval.max_new_tokens = 8096
-  if variant is not None and variant not in OBJECTIVES:
-    raise ValueError(f"config variant {variant!r} is not one of {sorted(OBJECTIVES)}.")
   return c

@@ -18,13 +18,12 @@ entropy_opd, eopd, clip_outlier, mask_outlier, fkl_outlier, tropd);
 import os
 import time
 
-from tropd_jax.config import defaults
+from configs import common
 from tropd_jax.demo import ASSETS
-from tropd_jax.objectives import OBJECTIVES
 
 
 def get_config(variant: str | None = None):
-  c = defaults()
+  c = common.base(variant)
   # A fresh directory per launch: rerunning the command repeats the demo instead of resuming it.
   c.workdir = f"runs/demo_{variant or 'tropd'}_{time.strftime('%Y%m%d_%H%M%S')}"
   c.seed = 0
@@ -61,7 +60,6 @@ def get_config(variant: str | None = None):
   c.guidance.max_teacher_tokens = 48
   c.guidance.teacher_temperature = 0.6
 
-  c.objective.name = variant or "tropd"
   c.objective.top_k = 64
   c.objective.beta = 0.001
 
@@ -85,6 +83,4 @@ def get_config(variant: str | None = None):
   c.eval.max_new_tokens = 56
   c.eval.temperature = 0.6
   c.eval.limit = 0
-  if variant is not None and variant not in OBJECTIVES:
-    raise ValueError(f"config variant {variant!r} is not one of {sorted(OBJECTIVES)}.")
   return c

@@ -6,16 +6,10 @@
 Any Qwen3-tokenizer teacher works (``--config.teacher.path=nvidia/Qwen3-Nemotron-4B``). The run
 is the paper's (128 prompts x 4 rollouts per step, 8096-token responses); on 16 chips of 16 GiB
 it fits through sharding and micro-batching (``python -m tropd_jax.aot --config=configs/qwen3.py
---topology=v5e:4x4``). Variants as in
-configs/aime.py: ``--config=configs/qwen3.py:opd``.
+--topology=v5e:4x4``). Variants as in configs/aime.py: ``--config=configs/qwen3.py:opd``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-
-import aime  # noqa: E402
+from configs import aime
 
 
 def get_config(variant: str | None = None):
@@ -23,10 +17,9 @@ def get_config(variant: str | None = None):
   c.workdir = "runs/qwen3_tropd"
   c.student.path = "Qwen/Qwen3-1.7B"
   c.teacher.path = "Qwen/Qwen3-8B"
-  # v5e-16 (16 GiB chips): 4-way FSDP x 4-way tensor parallelism (heads, MLP, vocabulary), so
-  # that a KV cache is sharded 16 ways over rows and KV heads even for a few contexts.
+  # v5e-16 (16 GiB chips): 4-way FSDP x 4-way tensor parallelism (heads, MLP, vocabulary).
   c.mesh.fsdp = 4
   c.mesh.tensor = 4
-  c.rollout.slots = 16  # Rows decoded at a time.
-  c.train.micro_batch = 4  # One row per FSDP shard per micro-batch (640 rows: 160 micro-batches).
+  c.rollout.slots = 64  # 16 rows per group of 4 chips sharing their rows.
+  c.train.micro_batch = 4  # One packed row per FSDP shard per micro-batch.
   return c

@@ -53,24 +53,36 @@ def tiny_config(root):
   return c
 
 
-def test_every_phase_compiles_for_tpu_and_fits(checkpoints):
+def test_every_phase_compiles_for_tpu_fits_and_is_timed(checkpoints, tmp_path):
   # conftest asks for "highest" matmul precision (float32 CPU references), which Mosaic refuses
   # for the splash kernel's bfloat16 matmuls; runs use the default, as the aot command does.
   with jax.default_matmul_precision("default"):
-    report = aot.run(tiny_config(checkpoints), TOPOLOGY, log=lambda _: None)
+    report = aot.run(tiny_config(checkpoints), TOPOLOGY, response_tokens=6,
+                     log=lambda _: None)
   names = [p.name for p in report.phases]
-  assert names == ["sample/prefill", "sample/decode", "teacher/prefill", "teacher/decode",
-                   "guided/prefill", "guided/decode", "score", "train"]
+  assert names == ["sample/prefill", "sample/decode", "guided/prefill", "teacher/prefill",
+                   "teacher/decode", "to_sampler", "score", "train/accumulate", "train/apply"]
   assert report.num_chips == 4 and report.device_kind.startswith("TPU v5")
   assert report.fits and report.hbm == 16 * aot.GiB
   by_name = {p.name: p for p in report.phases}
-  for name in ("score", "train"):  # attention_impl=auto picks the Pallas splash kernel on TPU
+  for name in ("score", "train/accumulate"):  # attention_impl=auto: the splash kernel on TPU
     assert by_name[name].kernels > 0, name
-    assert by_name[name].flops > 0
-  assert by_name["train"].bytes["optimizer"] > 0
+    assert by_name[name].cost.flops > 0 and by_name[name].seconds > 0
+  assert by_name["train/apply"].bytes["optimizer"] > 0
   assert by_name["sample/decode"].bytes["kv_cache"] > 0
+  # A step: prefill calls for 4 on-policy rows, a decode step per 6/4... every slot busy.
+  w = report.workload
+  assert w.response_tokens == 6 and w.rows == 6 and w.guided_rows == 2
+  assert by_name["sample/decode"].calls == pytest.approx(w.decode_tokens / 4)
+  assert by_name["teacher/decode"].calls == 0  # responses are made ahead of training
+  assert report.step_seconds == pytest.approx(sum(p.calls * p.seconds for p in report.phases))
   text = aot.format_report(report)
-  assert "FITS" in text and "train" in text
+  assert "FITS" in text and "estimated step time:" in text and "response_tokens" in text
+  paths = aot.dump_hlo(report, str(tmp_path))
+  assert sorted(os.path.relpath(p, tmp_path) for p in paths) == sorted(
+      f"{n}.hlo" for n in names)
+  decode = (tmp_path / "sample" / "decode.hlo").read_text()
+  assert "while" in decode
 
 
 def test_exit_status_when_it_does_not_fit(checkpoints):
@@ -83,3 +95,4 @@ def test_exit_status_when_it_does_not_fit(checkpoints):
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "DOES NOT FIT" in proc.stdout
   assert proc.stdout.count("\nscore ") == 2  # the memory table and the cost table
+  assert "estimated step time:" in proc.stdout

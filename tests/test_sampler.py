@@ -238,3 +238,38 @@ def test_bad_settings_name_the_field(jax_models):
     draw(model, prompts, max_new_tokens=12, page_size=2, num_pages=3)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     draw(model, prompts, max_new_tokens=300)
+
+
+def test_decode_loop_moves_no_weights_on_a_mesh(checkpoints):
+  """4 devices (fsdp=4): the decode layout's loop holds no weight all-gather; the training
+  layout's would (what the decode layout exists for)."""
+  from flax import nnx
+
+  from tropd_jax import hlo_cost
+  from tropd_jax.sampling import engine as engine_lib
+  from tropd_jax.sampling import layout as layout_lib
+
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=4, tensor=1), jax.devices()[:4])
+  model = models.from_pretrained(checkpoints["qwen3"][0], mesh=mesh)
+  graphdef, params = nnx.split(model)
+  weight_bytes = layout_lib.tree_bytes(params)
+  config = sampling.SamplerConfig(max_new_tokens=8, page_size=4, slots=4)
+  engine = sampling.Engine((graphdef, params), config, mesh=mesh)
+  slots, pages, width = 4, 4 * 8 + 4, 8
+  with jax.set_mesh(mesh), mesh_lib.use_rules(mesh_lib.DECODE_RULES["replicated"]):
+    state = engine_lib._init_state(model.cfg, config, slots=slots, pages=pages,
+                                   pages_per_row=width, dtype="float32", rules=engine.rules)
+    table = mesh_lib.put(np.zeros((slots, width), np.int32), ("batch", None), mesh)
+    release = mesh_lib.put(np.zeros(slots, bool), ("batch",), mesh)
+
+    def loop_collectives(params):
+      compiled = engine_lib._decode.lower(
+          graphdef, params, state, table, np.int32(8), np.int32(9), release, config=config,
+          rules=engine.rules, pages_bucket=width).compile()
+      cost = hlo_cost.analyze(compiled.as_text(), unknown_trip_count=8)
+      return hlo_cost.weight_collectives_in_loops(cost, 0.01 * weight_bytes)
+
+    decode_params = jax.jit(lambda p: p, out_shardings=layout_lib.param_shardings(
+        params, mesh, "replicated"))(params)
+    assert loop_collectives(decode_params) == []
+    assert loop_collectives(params)  # FSDP-sharded weights: gathered at every step

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -280,3 +281,39 @@ def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
   assert last > saved
   run = train.setup(tiny_config(checkpoints, work, steps=1000))
   assert int(run.state.step) == last
+
+
+def test_phases_compile_once_over_three_steps(checkpoints, tmp_path):
+  config = tiny_config(checkpoints, tmp_path / "run", steps=3)
+  train.run_training(config)
+  records = metrics_lib.read_metrics(str(tmp_path / "run"))
+  assert [r["step"] for r in records] == [1, 2, 3]
+  # score, zeros, accumulate, apply and the decode-layout copy: one program each, at every step.
+  assert [r["train/compilations"] for r in records] == [5, 5, 5]
+  assert records[1]["sampler/compilations"] == records[2]["sampler/compilations"]
+  assert all(r["train/padding_ratio"] >= 1 for r in records)
+
+
+def test_train_and_aot_compile_the_same_phases(checkpoints, tmp_path):
+  """aot lowers the trainer's own jitted phases: the same programs, from abstract shapes."""
+  from tropd_jax import aot
+  from tropd_jax import train_step as ts
+  from tropd_jax.batch import Batch
+
+  config = tiny_config(checkpoints, tmp_path / "run", steps=1)
+  run = train.setup(config)
+  report = aot.compile_run(config, jax.devices(), hbm=2**34, only=("score", "train"),
+                           log=lambda _: None)
+  lowered = {p.name: p.lowered for p in report.phases}
+  s = run.settings
+  mb = ts.put_batch(Batch.zeros(s.train.micro_batch, s.train.pack_length), run.mesh)
+  with jax.set_mesh(run.mesh):
+    assert run.phases.score.lower(run.teacher_params, mb).as_text() == lowered["score"]
+    scores = run.phases.score(run.teacher_params, mb)
+    acc = run.phases.zeros(run.state.params)
+    ours = run.phases.accumulate.lower(acc, run.state.params, mb, scores, run.key,
+                                       run.state.step, np.float32(1.0), None).as_text()
+    assert ours == lowered["train/accumulate"]
+    assert run.phases.apply.lower(run.state, *acc).as_text() == lowered["train/apply"]
+  run.checkpointer.close()
+  run.writer.close()

@@ -145,6 +145,7 @@ class Phase:
     compile_s: seconds to lower and compile.
     kernels: Pallas kernel calls in the program (splash, paged attention).
     hlo: the compiled program's HLO text.
+    lowered: the program's lowered (StableHLO) text, as ``jit(...).lower(...).as_text()``.
     note: how the per-step time was scaled, if it was.
   """
 
@@ -158,6 +159,7 @@ class Phase:
   compile_s: float
   kernels: int
   hlo: str
+  lowered: str = ""
   note: str = ""
 
   @property
@@ -246,7 +248,8 @@ class _Compiler:
                             + mem.generated_code_size_in_bytes, 0)
     call_s, bound = _estimate(cost, self.chip, extra_hbm)
     phase = Phase(name, shapes, calls, by_kind, cost, call_s * scale, bound, seconds,
-                  hlo.count("custom_call_target=\"tpu_custom_call\""), hlo, note)
+                  hlo.count("custom_call_target=\"tpu_custom_call\""), hlo, lowered.as_text(),
+                  note)
     self.phases.append(phase)
     return lowered, compiled
 
@@ -272,7 +275,9 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
   s = config_lib.settings(config)
   mesh = mesh_lib.make_mesh(s.mesh, devices)
   r, t, obj = s.rollout, s.train, s.objective
-  chip = hlo_cost.chip_spec(devices[0].device_kind)
+  kind = devices[0].device_kind
+  # Compiling for local devices (a CPU: tests) gives programs but no roofline figures.
+  chip = hlo_cost.CHIPS.get(kind) or hlo_cost.ChipSpec(kind, 1.0, 1.0, 1.0, hbm)
   prompt_tokens = prompt_tokens or max(s.max_prompt_tokens // 2, 1)
   response_tokens = response_tokens or max(r.max_new_tokens // 2, 1)
   s_cfg = model_config(s.student.path, s.student.dtype)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 from flax import nnx
@@ -14,7 +13,6 @@ from flax import nnx
 from tropd_jax import checkpoint as ckpt_lib
 from tropd_jax import config as config_lib
 from tropd_jax import models
-from tropd_jax import train
 from tropd_jax import train_step as ts
 
 
@@ -23,7 +21,7 @@ def export(workdir: str, out: str, step: int | None = None) -> int:
   config = config_lib.load_run_config(workdir)
   student = models.from_pretrained(config.student.path, dtype=config.student.dtype)
   params = nnx.state(student, nnx.Param)
-  tx = train.optimizer_from_config(config)
+  tx = config_lib.settings(config).optimizer.make()
   like = ts.TrainState(params, tx.init(params), jax.numpy.zeros((), jax.numpy.int32))
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", every=1, keep=1 << 30,
                                        async_save=False)
@@ -31,12 +29,13 @@ def export(workdir: str, out: str, step: int | None = None) -> int:
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(
         f"no checkpoint at step {step} in {workdir}/checkpoints (steps there: {sorted(steps)}).")
-  abstract_tree = ckpt_lib.abstract_like(dataclasses.asdict(like))
+  abstract_tree = ckpt_lib.abstract_like(like.as_dict())
   restored, _ = checkpointer.restore(step if step is not None else max(steps), abstract_tree)
-  nnx.update(student, restored["params"])
+  restored = like.replace_leaves(restored)
+  nnx.update(student, restored.params)
   models.save_pretrained(student, out, tokenizer_dir=config.student.path)
   checkpointer.close()
-  return int(restored["step"])
+  return int(restored.step)
 
 
 def main(argv=None) -> None:

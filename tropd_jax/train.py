@@ -27,6 +27,7 @@ from tropd_jax import metrics as metrics_lib
 from tropd_jax import models, objectives
 from tropd_jax import train_step as ts
 from tropd_jax import sampling
+from tropd_jax import teacher_responses as teacher_responses_lib
 from tropd_jax.sampling import layout as layout_lib
 from tropd_jax.sampling import Rollout, SamplerConfig
 
@@ -118,7 +119,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
                                    attention_impl=config.attention_impl)
   teacher_cache = None
   if settings.objective.guidance and not config.data.teacher_response_key:
-    teacher_cache = data_lib.TeacherResponseCache(f"{config.workdir}/teacher_responses.jsonl")
+    teacher_cache = data_lib.TeacherResponseCache(
+        teacher_responses_lib.cache_path(config.workdir))
 
   tx = settings.optimizer.make()
   state = ts.init_state(tx, nnx.state(student, nnx.Param), mesh)
@@ -191,21 +193,6 @@ def sampling_student(run: Run) -> tuple:
   return nnx.graphdef(run.student), run.phases.to_sampler(run.state.params)
 
 
-def teacher_engine(run: Run) -> sampling.Engine:
-  """An engine over the teacher for guidance responses, its weights in their decode layout."""
-  params = nnx.state(run.teacher, nnx.Param)
-  layout, why = layout_lib.choose(
-      run.settings.rollout.decode_layout, weight_bytes=layout_lib.tree_bytes(params),
-      kv_bytes_per_chip=0, resident_per_chip=layout_lib.chip_bytes(run.state)
-      + layout_lib.chip_bytes(params), mesh=run.mesh, hbm=layout_lib.hbm_bytes(run.mesh))
-  log.info("teacher decode layout: %s (%s)", layout, why)
-  with jax.set_mesh(run.mesh):
-    params = jax.jit(lambda p: p, out_shardings=layout_lib.param_shardings(
-        params, run.mesh, layout))(params)
-  return sampling.Engine((nnx.graphdef(run.teacher), params), _sampler_config(run, teacher=True),
-                         mesh=run.mesh, layout=layout)
-
-
 def upcoming_prompts(run: Run, steps: int) -> list[data_lib.Prompt]:
   """The prompts of the next ``steps`` steps (the stream is left where it was)."""
   saved = run.stream.state()
@@ -220,22 +207,6 @@ def upcoming_prompts(run: Run, steps: int) -> list[data_lib.Prompt]:
   return prompts
 
 
-def generate_teacher_responses(run: Run, prompts: list[data_lib.Prompt], engine=None,
-                               progress=None) -> int:
-  """Generates and caches the responses of ``prompts`` missing from the cache; returns how many."""
-  missing = list({p.index: p for p in prompts if run.teacher_cache.get(p.index) is None}.values())
-  if not missing:
-    return 0
-  engine = engine or teacher_engine(run)
-  budget = run.settings.rollout.teacher_max_new_tokens
-  rollout = engine.generate(sampling.requests([p.ids for p in missing], max_new_tokens=budget),
-                            seed=rollout_seed(run.settings.seed, 2**30), progress=progress)
-  run.teacher_cache.add({p.index: rollout.completion(i).tolist() for i, p in enumerate(missing)})
-  log.info("generated %d teacher responses (%.0f tokens/s)", len(missing),
-           engine.stats.tokens / max(engine.stats.seconds, 1e-9))
-  return len(missing)
-
-
 def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[int, ...]]:
   """Each prompt's teacher response: from the data, the cache, or generated in bulk now (the
   missing ones of the next ``guidance.lookahead_steps`` steps at once) and cached."""
@@ -243,7 +214,11 @@ def teacher_responses(run: Run, prompts: list[data_lib.Prompt]) -> list[tuple[in
     return [p.teacher_ids for p in prompts]
   if any(run.teacher_cache.get(p.index) is None for p in prompts):
     ahead = upcoming_prompts(run, run.config.guidance.lookahead_steps)
-    generate_teacher_responses(run, prompts + ahead)
+    resident = layout_lib.chip_bytes(run.state)
+    engine = teacher_responses_lib.engine(run.teacher, run.settings, run.tokenizer,
+                                          run.vocab_size, run.mesh, resident)
+    teacher_responses_lib.generate(engine, prompts + ahead, run.teacher_cache,
+                                   seed=teacher_responses_lib.seed_of(run.settings.seed))
   return [run.teacher_cache.get(p.index) for p in prompts]
 
 

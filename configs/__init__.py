@@ -1,0 +1,1 @@
+"""Run configs (``python -m tropd_jax.main --config=configs/<name>.py[:variant]``)."""

@@ -1,0 +1,156 @@
+"""The teacher's responses for off-policy guidance (METHOD.md §4), generated ahead of training.
+
+  python -m tropd_jax.teacher_responses --config=configs/aime.py [--config.a.b=value] \
+      [--batch_prompts=1024] [--limit=N]
+
+generates a response for every prompt of the run's prompt set that the work directory's cache
+(``<workdir>/teacher_responses``) does not hold yet, in large engine batches, and saves each batch
+as it finishes: an interrupted command resumes where it stopped, and a run started later finds
+the responses there. A run that meets a prompt without a response generates the missing ones of
+its next ``guidance.lookahead_steps`` steps at once (``generate``), so responses made ahead keep
+the teacher's decoding out of every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from tropd_jax import config as config_lib
+from tropd_jax import data as data_lib
+from tropd_jax import mesh as mesh_lib
+from tropd_jax import models, sampling
+from tropd_jax.sampling import layout as layout_lib
+
+log = logging.getLogger(__name__)
+
+CACHE = "teacher_responses.jsonl"
+SEED_STEP = 2**30  # The responses' seed: rollout_seed(config.seed, SEED_STEP), no training step.
+
+
+def cache_path(workdir: str) -> str:
+  return f"{workdir.rstrip('/')}/{CACHE}"
+
+
+def seed_of(run_seed: int) -> int:
+  return int(np.random.SeedSequence([run_seed, SEED_STEP]).generate_state(1)[0] % 2**31)
+
+
+def engine(teacher: models.Transformer, settings: config_lib.Settings, tokenizer, vocab_size: int,
+           mesh, resident_per_chip: int = 0) -> sampling.Engine:
+  """An engine over the teacher with the run's guidance settings, its weights copied into their
+  decode layout (``sampling.layout``)."""
+  params = nnx.state(teacher, nnx.Param)
+  layout, why = layout_lib.choose(
+      settings.rollout.decode_layout, weight_bytes=layout_lib.tree_bytes(params),
+      kv_bytes_per_chip=0, resident_per_chip=resident_per_chip + layout_lib.chip_bytes(params),
+      mesh=mesh, hbm=layout_lib.hbm_bytes(mesh))
+  log.info("teacher decode layout: %s (%s)", layout, why)
+  with jax.set_mesh(mesh):
+    params = jax.jit(lambda p: p, out_shardings=layout_lib.param_shardings(
+        params, mesh, layout))(params)
+  config = settings.rollout.sampler(stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                                    vocab_size=vocab_size, teacher=True)
+  return sampling.Engine((nnx.graphdef(teacher), params), config, mesh=mesh, layout=layout)
+
+
+def generate(teacher_engine: sampling.Engine, prompts: Sequence[data_lib.Prompt],
+             cache: data_lib.TeacherResponseCache, *, seed: int,
+             progress: Callable[[int, int], None] | None = None) -> int:
+  """Generates and caches the responses of ``prompts`` the cache lacks; returns how many.
+
+  A prompt's response depends on its index in the dataset only (its row id), never on which
+  other prompts are generated with it.
+  """
+  missing = list({p.index: p for p in prompts if cache.get(p.index) is None}.values())
+  if not missing:
+    return 0
+  budget = teacher_engine.config.max_new_tokens
+  rows = [sampling.Request(tuple(p.ids), len(p.ids), budget, p.index) for p in missing]
+  rollout = teacher_engine.generate(rows, seed=seed, progress=progress)
+  cache.add({p.index: rollout.completion(i).tolist() for i, p in enumerate(missing)})
+  st = teacher_engine.stats
+  log.info("generated %d teacher responses: %d tokens in %.0f s (%.0f tokens/s)", len(missing),
+           st.tokens, st.seconds, st.tokens / max(st.seconds, 1e-9))
+  return len(missing)
+
+
+def run(config, *, batch_prompts: int = 1024, limit: int = 0) -> dict:
+  """Generates every missing response of the run's prompt set; returns counts."""
+  settings = config_lib.settings(config)
+  if not settings.objective.guidance:
+    raise ValueError(f"objective {settings.objective.name!r} uses no guidance: there are no "
+                     "teacher responses to generate (use configs/...:tropd or "
+                     "--config.objective.guidance=True).")
+  if config.data.teacher_response_key:
+    raise ValueError(f"data.teacher_response_key={config.data.teacher_response_key!r}: the "
+                     "responses come from the data; there is nothing to generate.")
+  if batch_prompts < 1:
+    raise ValueError(f"--batch_prompts={batch_prompts} must be >= 1.")
+  mesh = mesh_lib.make_mesh(settings.mesh)
+  t_tok = models.load_tokenizer(config.teacher.path)
+  s_tok = models.load_tokenizer(config.student.path)
+  vocab_size = models.check_same_tokenizer(
+      t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
+      models.load_config(config.student.path).vocab_size)
+  prompts, _ = data_lib.load_prompts(
+      config.data.train_path, s_tok, prompt_key=config.data.prompt_key,
+      answer_key=config.data.answer_key, system_prompt=config.data.system_prompt,
+      max_prompt_tokens=config.data.max_prompt_tokens)
+  if limit:
+    prompts = prompts[:limit]
+  cache = data_lib.TeacherResponseCache(cache_path(config.workdir))
+  missing = [p for p in prompts if cache.get(p.index) is None]
+  log.info("%d prompts, %d with a cached response, %d to generate", len(prompts),
+           len(prompts) - len(missing), len(missing))
+  if not missing:
+    return {"prompts": len(prompts), "generated": 0}
+  teacher = models.from_pretrained(config.teacher.path, dtype=config.teacher.dtype, mesh=mesh)
+  t_engine = engine(teacher, settings, s_tok, vocab_size, mesh)
+  seed = seed_of(settings.seed)
+  bar = tqdm.tqdm(total=len(missing), unit="prompt", file=sys.stderr, dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  done, tokens, t0 = 0, 0, time.perf_counter()
+  try:
+    for start in range(0, len(missing), batch_prompts):
+      batch = missing[start:start + batch_prompts]
+
+      def progress(rows, drawn, base=done):
+        bar.update(base + rows - bar.n)
+        bar.set_postfix({"tok/s": f"{(tokens + drawn) / (time.perf_counter() - t0):.0f}"},
+                        refresh=False)
+
+      done += generate(t_engine, batch, cache, seed=seed, progress=progress)
+      tokens += t_engine.stats.tokens
+  finally:
+    bar.close()
+  return {"prompts": len(prompts), "generated": done, "tokens": tokens,
+          "seconds": time.perf_counter() - t0}
+
+
+def main(argv) -> None:
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  counts = run(_CONFIG.value, batch_prompts=_BATCH_PROMPTS.value, limit=_LIMIT.value)
+  print(f"{counts['generated']} teacher responses generated for {counts['prompts']} prompts"
+        + (f" ({counts['tokens']} tokens, {counts['tokens'] / counts['seconds']:.0f} tokens/s)"
+           if counts["generated"] else "") + f"; cache: {cache_path(_CONFIG.value.workdir)}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (path.py[:variant]).")
+  _BATCH_PROMPTS = flags.DEFINE_integer("batch_prompts", 1024,
+                                        "Prompts per engine call (saved when it finishes).")
+  _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N prompts of the set (0: all).")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
