@@ -1,0 +1,150 @@
+"""Decode throughput of the tropd_jax sampling engine vs ``transformers`` ``generate``, same weights.
+
+    JAX_PLATFORMS=cpu python -m benchmarks.decode_vs_transformers [--batch 16] [--prompt_len 128]
+        [--new_tokens 256] [--rounds 3]
+
+Builds a random float32 Qwen3-shaped model (defaults: hidden 512, 8 layers, 8 heads / 4 kv heads,
+vocabulary 32,000, tied: 41.5M parameters), saves it with ``save_pretrained`` and loads the same
+file into torch and into JAX. Both decode the same batch of random equal-length prompts greedily
+for exactly ``new_tokens`` tokens (no stop token). Rounds alternate between the two engines in
+one process (ours, torch, ours, torch, ...) so that a change in the machine's load affects both;
+each engine's best round is reported:
+
+  total   prefill + decode: generated tokens over the wall time of a call;
+  decode  the ``new_tokens - 1`` tokens after the first, over the time a call takes beyond a
+          1-token call (prefill and the first token excluded).
+
+Our timings exclude compilation (a warm-up call; its time is printed). Measure on a quiet
+machine: torch slows down more than XLA when other processes share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _hf_model(args, path: str):
+  import torch
+  import transformers
+
+  cfg = transformers.Qwen3Config(
+      vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_ff,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads, head_dim=args.d_model // args.heads,
+      max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1,
+  )
+  torch.manual_seed(0)
+  transformers.Qwen3ForCausalLM(cfg).eval().save_pretrained(path)
+  return transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _torch_runner(model, prompts: np.ndarray):
+  import torch
+
+  ids = torch.tensor(prompts)
+
+  def run(n):
+    with torch.inference_mode():
+      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, prompts.shape[1]:].numpy()
+
+  return run
+
+
+def _our_runner(model, prompts: np.ndarray, args):
+  from tropd_jax import sampling
+
+  rows = prompts.tolist()
+
+  def run(n):
+    gen = sampling.generate(model, rows, n, micro_batch_size=len(rows),
+                            chunk_steps=args.chunk_steps, page_size=args.page_size,
+                            length_buckets=(prompts.shape[1],))
+    return np.asarray(gen.completion_ids), gen.stats
+
+  return run
+
+
+def _timed(fn, n):
+  t0 = time.perf_counter()
+  out = fn(n)
+  return time.perf_counter() - t0, out
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--prompt_len", type=int, default=128)
+  p.add_argument("--new_tokens", type=int, default=256)
+  p.add_argument("--d_model", type=int, default=512)
+  p.add_argument("--d_ff", type=int, default=1536)
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv_heads", type=int, default=4)
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--chunk_steps", type=int, default=64)
+  p.add_argument("--page_size", type=int, default=64)
+  args = p.parse_args(argv)
+
+  import jax
+  import torch
+
+  from tropd_jax import models
+
+  rng = np.random.RandomState(0)
+  prompts = rng.randint(3, args.vocab, (args.batch, args.prompt_len)).astype(np.int64)
+  with tempfile.TemporaryDirectory() as path:
+    hf = _hf_model(args, path)
+    ours = models.from_pretrained(path, dtype="float32")
+  argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+  print(f"command: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')} "
+        f"python -m benchmarks.decode_vs_transformers {argv_text}".rstrip())
+  print(f"model: qwen3 d_model={args.d_model} d_ff={args.d_ff} layers={args.layers} "
+        f"heads={args.heads}/{args.kv_heads} vocab={args.vocab} (tied), "
+        f"{ours.cfg.num_params() / 1e6:.1f}M params, float32 weights")
+  print(f"batch={args.batch} prompt_len={args.prompt_len} new_tokens={args.new_tokens}, greedy, "
+        f"no stop; jax {jax.devices()[0].platform} x{jax.device_count()}, "
+        f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"load avg before {os.getloadavg()[0]:.1f}")
+  b, n = args.batch, args.new_tokens
+  our_run, torch_run = _our_runner(ours, prompts, args), _torch_runner(hf, prompts)
+  t0 = time.perf_counter()
+  our_run(1)
+  our_run(n)
+  compile_s = time.perf_counter() - t0
+  torch_run(8)
+  best = {"ours": [np.inf, np.inf], "torch": [np.inf, np.inf]}
+  outs = {}
+  for _ in range(args.rounds):
+    for name, run in (("ours", our_run), ("torch", torch_run)):
+      first_s, _ = _timed(run, 1)
+      total_s, out = _timed(run, n)
+      best[name][0] = min(best[name][0], total_s)
+      best[name][1] = min(best[name][1], total_s - first_s)
+      outs[name] = out
+  our_tokens, stats = outs["ours"]
+
+  def line(name, label, extra=""):
+    total_s, decode_s = best[name]
+    print(f"{label:13s} total {total_s:6.2f} s {b * n / total_s:7.1f} tok/s | decode "
+          f"{decode_s:6.2f} s {b * (n - 1) / decode_s:7.1f} tok/s {extra}")
+
+  line("ours", "tropd_jax", f"(compile {compile_s:.1f} s; KV pages {stats.kv_cache_bytes / 2**20:.1f}"
+       f" MiB float32, {stats.decode_calls} decode calls)")
+  line("torch", "transformers")
+  same = (our_tokens == outs["torch"]).all(axis=1).sum()
+  print(f"speed-up (transformers time / ours): total {best['torch'][0] / best['ours'][0]:.2f}x, "
+        f"decode {best['torch'][1] / best['ours'][1]:.2f}x; rows with identical greedy tokens: "
+        f"{same}/{b}; load avg after {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,1 +1,0 @@
-"""Benchmarks (scripts, not tests): ``python -m tropd_jax.bench.<name>``."""
