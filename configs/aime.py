@@ -1,10 +1,18 @@
 """The paper's single-domain math run (METHOD.md §8): Skywork-OR1-Math-7B → DeepSeek-R1-Distill-Qwen-1.5B.
 
+Prompts: the math subset of OpenThoughts3, made once with the run's tokenizer and budget
+(README, "Data"); it writes ``data.train_path``:
+
+  python -m tropd_jax.prepare_prompts --config=configs/aime.py \
+      --config.data.train_path=gs://my-bucket/tropd/data/openthoughts3_math.parquet \
+      --source='hf://datasets/open-thoughts/OpenThoughts3-1.2M/data/train-*.parquet' \
+      --source_prompt_key=conversations --where=domain=math
+
 Launch (on a TPU VM; paths may be local, gs:// or hub ids):
 
   python -m tropd_jax.main --config=configs/aime.py \
       --config.workdir=gs://my-bucket/tropd/aime \
-      --config.data.train_path=gs://my-bucket/data/openthoughts3_math.jsonl
+      --config.data.train_path=gs://my-bucket/tropd/data/openthoughts3_math.parquet
 
 Baselines of METHOD.md §6 are variants: ``--config=configs/aime.py:opd`` (also topk_fkl, jsd,
 entropy_opd, eopd, clip_outlier, mask_outlier, fkl_outlier, tropd). Any field can be overridden
@@ -27,8 +35,13 @@ def get_config(variant: str | None = None):
   c.mesh.fsdp = -1  # All chips: parameters, optimizer state and rows sharded.
   c.mesh.tensor = 1
 
-  c.data.train_path = "open-thoughts/OpenThoughts3-1.2M-math.jsonl"  # Local copy or gs:// URL.
-  c.data.prompt_key = "problem"
+  # What `python -m tropd_jax.prepare_prompts --config=configs/aime.py ...` writes (see the
+  # docstring); on a TPU VM, a gs:// URL every worker reads, e.g.
+  # gs://my-bucket/tropd/data/openthoughts3_math.parquet.
+  c.data.train_path = "data/openthoughts3_math.parquet"
+  c.data.prompt_key = "problem"  # prepare_prompts writes the user's text here.
+  c.data.answer_key = "answer"
+  c.data.system_prompt = ""  # DeepSeek-R1-Distill takes the problem as the user turn alone.
 
   # The sampler: 256 rows decode at once (64 per chip of a v5p-8); a finished row's slot takes
   # the next waiting row. Pages for every slot's whole row (8096 + 1024 tokens): 17 GiB per chip.

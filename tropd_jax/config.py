@@ -47,11 +47,21 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1  # Heads, MLP and vocabulary sharded.
 
   c.data = ml_collections.ConfigDict()
-  c.data.train_path = ""  # JSONL or Parquet of prompts (local or gs://), or hf://<dataset>. Required.
-  c.data.prompt_key = "problem"  # Field holding the prompt text.
+  # Prompts: a JSONL/Parquet file, a directory of them or a glob; local, gs:// or
+  # hf://datasets/<org>/<name>/<file-or-glob>. Required. `python -m tropd_jax.prepare_prompts`
+  # makes one from a dataset (README, "Data").
+  c.data.train_path = ""
+  # Field holding the prompt: text, or a message list ({role, content} or {from, value}) whose
+  # turns before the first assistant turn are the prompt (e.g. "conversations").
+  c.data.prompt_key = "problem"
   c.data.answer_key = "answer"  # Field holding the reference answer (evaluation only).
-  c.data.teacher_response_key = ""  # Field with a teacher response; "" = generate and cache.
+  # Field with a teacher response (text, or messages: the first assistant turn); "" = generate
+  # with the teacher and cache in <workdir>/teacher_responses/.
+  c.data.teacher_response_key = ""
   c.data.system_prompt = ""  # Optional system message before each prompt.
+  # Variables for the chat template, e.g. {"enable_thinking": False} for Qwen3; on the command
+  # line: --config.data.chat_template_kwargs='{"enable_thinking": False}'.
+  c.data.chat_template_kwargs = ml_collections.ConfigDict()
   c.data.max_prompt_tokens = 1024  # Longer prompts are counted and dropped, never cut.
   c.data.shuffle = True
   c.data.num_epochs = 0  # 0 = repeat forever.
@@ -121,7 +131,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.path = ""  # JSONL with problem/answer; "" = no evaluation.
+  c.eval.path = ""  # JSONL with problem/answer (local, gs:// or hf://datasets/...); "" = none.
   c.eval.every = 0  # Steps between in-training evaluations; 0 = only before and after.
   c.eval.k = 4  # Samples per problem (avg@k).
   c.eval.max_new_tokens = 8096
@@ -195,11 +205,14 @@ def _get(config, dotted: str):
   return config
 
 
+_FREE_FORM = ("data.chat_template_kwargs",)  # Dicts whose keys are the user's, not fields.
+
+
 def _flatten(config, prefix="") -> dict[str, Any]:
   out = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict) and name not in _FREE_FORM:
       out.update(_flatten(value, name + "."))
     else:
       out[name] = value
@@ -232,6 +245,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(
         f"config field objective.name={config.objective.name!r} is not one of {sorted(OBJECTIVES)}."
     )
+  kwargs = config.data.chat_template_kwargs
+  if not isinstance(kwargs, (dict, ml_collections.ConfigDict)):
+    raise ValueError(f"config field data.chat_template_kwargs={kwargs!r} must be a dict of "
+                     "chat template variables, e.g. {'enable_thinking': False}.")
+  for name in ("data.prompt_key", "data.answer_key"):
+    if not isinstance(_get(config, name), str) or not _get(config, name):
+      raise ValueError(f"config field {name}={_get(config, name)!r} must name a field.")
   buckets = tuple(config.rollout.prompt_buckets)
   if not buckets or list(buckets) != sorted(buckets) or buckets[-1] < config.data.max_prompt_tokens:
     raise ValueError(

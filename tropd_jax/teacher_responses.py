@@ -31,7 +31,7 @@ from tropd_jax.sampling import layout as layout_lib
 
 log = logging.getLogger(__name__)
 
-CACHE = "teacher_responses.jsonl"
+CACHE = "teacher_responses"
 SEED_STEP = 2**30  # The responses' seed: rollout_seed(config.seed, SEED_STEP), no training step.
 
 
@@ -41,6 +41,25 @@ def cache_path(workdir: str) -> str:
 
 def seed_of(run_seed: int) -> int:
   return int(np.random.SeedSequence([run_seed, SEED_STEP]).generate_state(1)[0] % 2**31)
+
+
+def row_id(prompt_key: int) -> int:
+  """The engine row id of a prompt's response: its dataset key mixed into [0, 2**31)."""
+  return int(np.random.SeedSequence(prompt_key).generate_state(1)[0] % 2**31)
+
+
+def all_prompts(config, tokenizer):
+  """Every prompt of ``data.train_path`` within the budget, in file order (one pass)."""
+  source = data_lib.Source(config.data.train_path)
+  fmt = data_lib.PromptFormat.from_config(config.data)
+  source.check_field(fmt.prompt_key, "data.prompt_key")
+  columns = [k for k in (fmt.prompt_key, fmt.answer_key) if k]
+  for unit in source.units:
+    for row, record in enumerate(source.read(unit, columns)):
+      prompt = data_lib.to_prompt(record, source.key(unit, row), tokenizer, fmt,
+                                  source.where(unit, row))
+      if prompt is not None:
+        yield prompt
 
 
 def engine(teacher: models.Transformer, settings: config_lib.Settings, tokenizer, vocab_size: int,
@@ -73,7 +92,7 @@ def generate(teacher_engine: sampling.Engine, prompts: Sequence[data_lib.Prompt]
   if not missing:
     return 0
   budget = teacher_engine.config.max_new_tokens
-  rows = [sampling.Request(tuple(p.ids), len(p.ids), budget, p.index) for p in missing]
+  rows = [sampling.Request(tuple(p.ids), len(p.ids), budget, row_id(p.index)) for p in missing]
   rollout = teacher_engine.generate(rows, seed=seed, progress=progress)
   cache.add({p.index: rollout.completion(i).tolist() for i, p in enumerate(missing)})
   st = teacher_engine.stats
@@ -96,42 +115,53 @@ def run(config, *, batch_prompts: int = 1024, limit: int = 0) -> dict:
     raise ValueError(f"--batch_prompts={batch_prompts} must be >= 1.")
   mesh = mesh_lib.make_mesh(settings.mesh)
   t_tok = models.load_tokenizer(config.teacher.path)
-  s_tok = models.load_tokenizer(config.student.path)
+  s_tok = models.load_tokenizer(config.student.path,
+                                chat_template_kwargs=config.data.chat_template_kwargs)
   vocab_size = models.check_same_tokenizer(
       t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
       models.load_config(config.student.path).vocab_size)
-  prompts, _ = data_lib.load_prompts(
-      config.data.train_path, s_tok, prompt_key=config.data.prompt_key,
-      answer_key=config.data.answer_key, system_prompt=config.data.system_prompt,
-      max_prompt_tokens=config.data.max_prompt_tokens)
-  if limit:
-    prompts = prompts[:limit]
   cache = data_lib.TeacherResponseCache(cache_path(config.workdir))
-  missing = [p for p in prompts if cache.get(p.index) is None]
-  log.info("%d prompts, %d with a cached response, %d to generate", len(prompts),
-           len(prompts) - len(missing), len(missing))
-  if not missing:
-    return {"prompts": len(prompts), "generated": 0}
-  teacher = models.from_pretrained(config.teacher.path, dtype=config.teacher.dtype, mesh=mesh)
-  t_engine = engine(teacher, settings, s_tok, vocab_size, mesh)
   seed = seed_of(settings.seed)
-  bar = tqdm.tqdm(total=len(missing), unit="prompt", file=sys.stderr, dynamic_ncols=True,
+  t_engine = None
+  bar = tqdm.tqdm(unit="prompt", file=sys.stderr, dynamic_ncols=True,
                   disable=jax.process_index() != 0)
-  done, tokens, t0 = 0, 0, time.perf_counter()
+  seen = cached = done = tokens = 0
+  t0 = time.perf_counter()
+
+  def flush(batch):
+    nonlocal t_engine, done, tokens
+    if t_engine is None:
+      teacher = models.from_pretrained(config.teacher.path, dtype=config.teacher.dtype, mesh=mesh)
+      t_engine = engine(teacher, settings, s_tok, vocab_size, mesh)
+
+    def progress(rows, drawn, base=done):
+      bar.set_postfix({"generated": base + rows,
+                       "tok/s": f"{(tokens + drawn) / (time.perf_counter() - t0):.0f}"},
+                      refresh=True)
+
+    done += generate(t_engine, batch, cache, seed=seed, progress=progress)
+    tokens += t_engine.stats.tokens
+
   try:
-    for start in range(0, len(missing), batch_prompts):
-      batch = missing[start:start + batch_prompts]
-
-      def progress(rows, drawn, base=done):
-        bar.update(base + rows - bar.n)
-        bar.set_postfix({"tok/s": f"{(tokens + drawn) / (time.perf_counter() - t0):.0f}"},
-                        refresh=False)
-
-      done += generate(t_engine, batch, cache, seed=seed, progress=progress)
-      tokens += t_engine.stats.tokens
+    batch = []
+    for prompt in all_prompts(config, s_tok):
+      if limit and seen >= limit:
+        break
+      seen += 1
+      bar.update(1)
+      if cache.get(prompt.index) is not None:
+        cached += 1
+        continue
+      batch.append(prompt)
+      if len(batch) == batch_prompts:
+        flush(batch)
+        batch = []
+    if batch:
+      flush(batch)
   finally:
     bar.close()
-  return {"prompts": len(prompts), "generated": done, "tokens": tokens,
+  log.info("%d prompts: %d had a cached response, %d generated", seen, cached, done)
+  return {"prompts": seen, "generated": done, "tokens": tokens,
           "seconds": time.perf_counter() - t0}
 
 

@@ -83,15 +83,7 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def global_batch(stream: data_lib.PromptStream) -> list[data_lib.Prompt]:
-  """The step's prompts from every process, in process order (each reads its own shard)."""
-  local = next(stream)
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils
-
-  positions = multihost_utils.process_allgather(np.asarray([stream.position(p) for p in local]))
-  return [stream.prompts[int(i)] for i in np.asarray(positions).reshape(-1)]
+global_batch = data_lib.global_batch
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
@@ -101,17 +93,12 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   mesh = mesh_lib.make_mesh(settings.mesh)
   _check_batch_axes(settings, mesh)
   t_tok = models.load_tokenizer(config.teacher.path)
-  s_tok = models.load_tokenizer(config.student.path)
+  s_tok = models.load_tokenizer(config.student.path,
+                                chat_template_kwargs=config.data.chat_template_kwargs)
   vocab_size = models.check_same_tokenizer(
       t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
       models.load_config(config.student.path).vocab_size)
-  prompts, _ = data_lib.load_prompts(
-      config.data.train_path, s_tok, prompt_key=config.data.prompt_key,
-      answer_key=config.data.answer_key, teacher_response_key=config.data.teacher_response_key,
-      system_prompt=config.data.system_prompt, max_prompt_tokens=config.data.max_prompt_tokens)
-  stream = data_lib.PromptStream(
-      prompts, prompts_per_step=config.rollout.prompts_per_step, seed=config.seed,
-      shuffle=config.data.shuffle, num_epochs=config.data.num_epochs)
+  stream = data_lib.PromptStream.from_config(config, s_tok)
   student = models.from_pretrained(config.student.path, dtype=config.student.dtype, mesh=mesh,
                                    remat=config.student.remat,
                                    attention_impl=config.attention_impl)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 import transformers
@@ -17,6 +19,12 @@ _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "vocab.json", "merges.txt", "tokenizer.model",
 )
+# Arguments of ``apply_chat_template`` that ``encode_prompt`` sets; not template options.
+_RESERVED_TEMPLATE_ARGS = frozenset({
+    "conversation", "messages", "add_generation_prompt", "tokenize", "return_dict",
+    "return_tensors", "continue_final_message", "chat_template", "tools", "documents", "padding",
+    "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask",
+})
 
 
 class Tokenizer:
@@ -29,11 +37,25 @@ class Tokenizer:
       than a model's embedding rows.
     stop_ids: EOS and the chat template's end-of-turn token, deduplicated.
     pad_id: id used to pad (never attended to).
+    chat_template_kwargs: options the chat template reads (e.g. Qwen3's
+      ``{"enable_thinking": False}``), passed to every ``encode_prompt``.
   """
 
-  def __init__(self, hf, source: str):
+  def __init__(self, hf, source: str, chat_template_kwargs: Mapping[str, Any] | None = None):
     self.hf = hf
     self.source = source
+    if hasattr(chat_template_kwargs, "to_dict"):  # An ml_collections.ConfigDict.
+      chat_template_kwargs = chat_template_kwargs.to_dict()
+    self.chat_template_kwargs = dict(chat_template_kwargs or {})
+    reserved = sorted(set(self.chat_template_kwargs) & _RESERVED_TEMPLATE_ARGS)
+    if reserved:
+      raise ValueError(
+          f"chat template options {reserved} are set by tropd_jax itself; remove them from "
+          "data.chat_template_kwargs.")
+    if self.chat_template_kwargs and not hf.chat_template:
+      raise ValueError(
+          f"data.chat_template_kwargs={self.chat_template_kwargs} is set but the tokenizer of "
+          f"{source} has no chat template to read it; leave data.chat_template_kwargs empty.")
     self.vocab_size = len(hf)
     stops = []
     for tok in (hf.eos_token, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
@@ -46,13 +68,15 @@ class Tokenizer:
   def encode_prompt(self, prompt: str | list[dict], *, system: str | None = None) -> list[int]:
     """Token ids of a user prompt (or a message list) with the chat template applied.
 
-    Without a chat template, the raw text is encoded.
+    The template gets ``chat_template_kwargs`` as variables. Without a chat template,
+    the raw text of the last message is encoded.
     """
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     if system is not None:
       messages = [{"role": "system", "content": system}, *messages]
     if self.hf.chat_template:
-      ids = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+      ids = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **self.chat_template_kwargs)
       return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return self.encode(messages[-1]["content"])
 
@@ -63,8 +87,14 @@ class Tokenizer:
     return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-  """Loads the tokenizer in a checkpoint directory (local, gs:// or hub id)."""
+def load_tokenizer(path: str, *,
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> Tokenizer:
+  """Loads the tokenizer in a checkpoint directory (local, gs:// or hub id).
+
+  Args:
+    path: the checkpoint directory, gs:// URL or hub id.
+    chat_template_kwargs: options for the chat template (``data.chat_template_kwargs``).
+  """
   from tropd_jax.models.hf_io import resolve_checkpoint
 
   src = resolve_checkpoint(path, marker=None)
@@ -81,7 +111,8 @@ def load_tokenizer(path: str) -> Tokenizer:
         f"{path} has no tokenizer (tokenizer.json, vocab.json or tokenizer.model); "
         "copy the tokenizer files into the checkpoint directory."
     )
-  return Tokenizer(transformers.AutoTokenizer.from_pretrained(local), str(path))
+  return Tokenizer(transformers.AutoTokenizer.from_pretrained(local), str(path),
+                   chat_template_kwargs)
 
 
 def check_same_tokenizer(
