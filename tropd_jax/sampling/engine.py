@@ -21,6 +21,7 @@ N the largest budget (``max_new_tokens``), P pages of the pool, Z tokens per pag
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import time
@@ -399,7 +400,7 @@ class Engine:
     dtype = jnp.dtype(cfg.cache_dtype or self.model_cfg.dtype)
     self.last_shape = (slots, pages, width)
     layout_rules = mesh_lib.DECODE_RULES[self.layout]
-    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx, mesh_lib.use_rules(layout_rules):
       state = _init_state(self.model_cfg, cfg, slots=slots, pages=pages, pages_per_row=width,
                           dtype=dtype.name, rules=self.rules)
@@ -418,14 +419,6 @@ class Engine:
         preemptions=sched.preemptions, seconds=time.perf_counter() - t0,
         compilations=compile_counts())
     return rollout
-
-
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def _check_requests(requests: Sequence[Request], cfg: SamplerConfig) -> None:
