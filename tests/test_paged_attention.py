@@ -57,7 +57,9 @@ def _attend_contiguous(c):
   """``attention.attend`` over the contiguous cache: one query reading the row's first tokens."""
   s = c["k"].shape[1]
   key_mask_BS = np.arange(s)[None, :] < c["lengths"][:, None]
-  out_BTNH = attention.attend(c["q"][:, None], c["k"], c["v"], key_mask_BS, jnp.array([s - 1]))
+  q_segment = np.ones((c["q"].shape[0], 1), np.int32)
+  out_BTNH = attention.attend(c["q"][:, None], c["k"], c["v"], q_segment,
+                              key_mask_BS.astype(np.int32), jnp.array([s - 1]))
   return np.asarray(out_BTNH[:, 0])
 
 
@@ -199,7 +201,8 @@ def test_prefill_then_decode_writes_then_attention_equal_contiguous_attend():
   q_BNH = rng.randn(3, g * q, h).astype(np.float32)
   out = pa.paged_attention(q_BNH, k_pages, v_pages, lengths, table, impl="xla")
   key_mask = np.concatenate([mask, np.ones((3, 1), bool)], 1)
-  want = attention.attend(q_BNH[:, None], k_BTGH, v_BTGH, key_mask, jnp.array([t]))[:, 0]
+  want = attention.attend(q_BNH[:, None], k_BTGH, v_BTGH, np.ones((3, 1), np.int32),
+                          key_mask.astype(np.int32), jnp.array([t]))[:, 0]
   np.testing.assert_allclose(out, want, atol=2e-6)
 
 

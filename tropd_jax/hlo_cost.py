@@ -186,7 +186,8 @@ class _Cost:
 UnknownTripCount = int | Mapping[str, int] | Callable[[str, str, int | None], int]
 
 
-def analyze(hlo_text: str, *, unknown_trip_count: UnknownTripCount = 1) -> ProgramCost:
+def analyze(hlo_text: str, *, unknown_trip_count: UnknownTripCount = 1,
+            uncounted_kernels: tuple[str, ...] = ()) -> ProgramCost:
   """Flops, HBM bytes, collectives and loops of one run of a compiled program, per device.
 
   Args:
@@ -195,16 +196,21 @@ def analyze(hlo_text: str, *, unknown_trip_count: UnknownTripCount = 1) -> Progr
       all; a mapping from the loop's instruction name (``while.35``) or op_name
       (``jit(decode)/while``) to a count; or a function ``(name, op_name, max_trip_count) ->
       count`` (``max_trip_count`` is the bound in the loop's condition, or None).
+    uncounted_kernels: custom calls (instruction names starting with one of these) whose HBM
+      traffic the caller counts itself: a paged-attention kernel reads only each row's live
+      pages, not the whole pool its operands hold.
 
   Returns:
     The ``ProgramCost``; ``loops`` says which trip counts were assumed.
   """
-  return _Walker(parse_module(hlo_text), unknown_trip_count).run()
+  return _Walker(parse_module(hlo_text), unknown_trip_count, uncounted_kernels).run()
 
 
 class _Walker:
-  def __init__(self, module: Module, unknown_trip_count: UnknownTripCount):
+  def __init__(self, module: Module, unknown_trip_count: UnknownTripCount,
+               uncounted_kernels: tuple[str, ...] = ()):
     self.module, self.unknown = module, unknown_trip_count
+    self.uncounted = tuple(uncounted_kernels)
     self.memo: dict[str, _Cost] = {}
 
   def run(self) -> ProgramCost:
@@ -257,7 +263,10 @@ class _Walker:
          acc: _Cost) -> None:
     """One executed instruction; ``ins`` carries its attributes (the -start of an async pair)."""
     fused = self.module[ins.called("calls")[0]] if op == "fusion" else None
-    acc.hbm += _traffic(comp, op, operands, result, fused)
+    if op == "custom-call" and self.uncounted and name.startswith(self.uncounted):
+      acc.notes[f"HBM traffic of {', '.join(self.uncounted)} kernels left to the caller"] = None
+    else:
+      acc.hbm += _traffic(comp, op, operands, result, fused)
     if fused is not None:
       acc.flops += self.fused_flops(fused.name)
       acc.collectives += [self.collective(c, i.opcode, i.name, i.operands, i.shape, i)

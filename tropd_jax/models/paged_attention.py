@@ -221,7 +221,14 @@ def write_decode(pages_GPZH, new_BGH, page_table_BP, pos_B):
     page_B, offset_B = _page_and_offset(
         page_table_BP, pos_B[:, None], jnp.ones((pos_B.shape[0], 1), bool), pages_GPZH.shape[2])
     new_GBH = jnp.swapaxes(new_BGH, 0, 1).astype(pages_GPZH.dtype)
-    return pages_GPZH.at[:, page_B[:, 0], offset_B[:, 0]].set(new_GBH)
+    g, b = new_GBH.shape[:2]
+    # Indices for every (head, slot): the scatter's window is a row of H, so any layout with
+    # H minor (the Pallas kernel's) writes in place; a [G, H] window makes XLA:TPU keep the
+    # pool in a layout of its own and copy the whole pool to the kernel's at every step.
+    head_GB = jax.lax.broadcasted_iota(jnp.int32, (g, b), 0)
+    page_GB = jnp.broadcast_to(page_B[:, 0][None], (g, b))
+    offset_GB = jnp.broadcast_to(offset_B[:, 0][None], (g, b))
+    return pages_GPZH.at[head_GB, page_GB, offset_GB].set(new_GBH)
 
   pages = lambda m, bt: PartitionSpec(_heads(m, g), bt, None, None)
   return _per_shard(
@@ -261,7 +268,11 @@ def write_prefill(pages_GPZH, new_BTGH, page_table_BP, start_B, mask_BT):
     pos_BT = start_B[:, None] + jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
     page_BT, offset_BT = _page_and_offset(page_table_BP, pos_BT, mask_BT, pages_GPZH.shape[2])
     new_GBTH = jnp.moveaxis(new_BTGH, 2, 0).astype(pages_GPZH.dtype)
-    return pages_GPZH.at[:, page_BT, offset_BT].set(new_GBTH)
+    g, b, t = new_GBTH.shape[:3]
+    head_GBT = jax.lax.broadcasted_iota(jnp.int32, (g, b, t), 0)
+    shape = (g, b, t)
+    return pages_GPZH.at[head_GBT, jnp.broadcast_to(page_BT[None], shape),
+                         jnp.broadcast_to(offset_BT[None], shape)].set(new_GBTH)
 
   pages = lambda m, bt: PartitionSpec(_heads(m, g), bt, None, None)
   rows = lambda m, bt: PartitionSpec(bt, None)
