@@ -1,4 +1,4 @@
-"""Decode throughput of the tropd_jax sampling engine vs ``transformers`` ``generate``, same weights.
+"""Decode throughput of the sampling engine vs ``transformers`` ``generate``, same weights.
 
     JAX_PLATFORMS=cpu python -m benchmarks.decode_vs_transformers [--batch 16] [--prompt_len 128]
         [--new_tokens 256] [--rounds 3]
@@ -137,8 +137,8 @@ def main(argv=None) -> None:
     print(f"{label:13s} total {total_s:6.2f} s {b * n / total_s:7.1f} tok/s | decode "
           f"{decode_s:6.2f} s {b * (n - 1) / decode_s:7.1f} tok/s {extra}")
 
-  line("ours", "tropd_jax", f"(compile {compile_s:.1f} s; KV pages {stats.kv_cache_bytes / 2**20:.1f}"
-       f" MiB float32, {stats.decode_calls} decode calls)")
+  line("ours", "tropd_jax", f"(compile {compile_s:.1f} s; KV pages "
+       f"{stats.kv_cache_bytes / 2**20:.1f} MiB float32, {stats.decode_calls} decode calls)")
   line("torch", "transformers")
   same = (our_tokens == outs["torch"]).all(axis=1).sum()
   print(f"speed-up (transformers time / ours): total {best['torch'][0] / best['ours'][0]:.2f}x, "

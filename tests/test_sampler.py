@@ -1,4 +1,4 @@
-"""The sampling engine: greedy parity with transformers, statistics, refills, pages, sharding, seeds."""
+"""The sampling engine: greedy parity with transformers, statistics, refills, pages, seeds."""
 
 import jax
 import jax.numpy as jnp

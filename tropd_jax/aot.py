@@ -590,7 +590,8 @@ if __name__ == "__main__":
                                      "libtpu chip config (auto: megacore on v4/v5p; '' for none).")
   _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per device in GiB (default: by chip kind).")
   _PROMPT_TOKENS = flags.DEFINE_integer(
-      "prompt_tokens", None, "Assumed mean prompt length (default: half of data.max_prompt_tokens).")
+      "prompt_tokens", None,
+      "Assumed mean prompt length (default: half of data.max_prompt_tokens).")
   _RESPONSE_TOKENS = flags.DEFINE_integer(
       "response_tokens", None,
       "Assumed mean response length (default: half of rollout.max_new_tokens).")

@@ -1,4 +1,4 @@
-"""The training batch: a step's sampled sequences packed into rows, aligned for next-token prediction.
+"""The training batch: a step's sequences packed into rows, aligned for next-token prediction.
 
 A ``Rollout`` (ragged sequences, on the host) becomes a ``Batch`` by one constructor, ``pack``:
 each sequence ``[prompt | teacher prefix | completion]`` is shifted by one (position t reads
