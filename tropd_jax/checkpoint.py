@@ -21,20 +21,28 @@ log = logging.getLogger(__name__)
 class Checkpointer:
   """Saves and restores ``{"params", "opt_state"}`` pytrees plus JSON metadata."""
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, every: int = 1, keep: int = 1, async_save: bool = True,
+               read_only: bool = False):
+    """Opens (and creates) ``directory``; ``read_only``: never creates, saves or deletes.
+
+    (Orbax's own ``read_only`` option warns on every use; without saves nothing is deleted.)
+    """
     if "://" not in directory:
       directory = os.path.abspath(directory)  # Orbax takes absolute paths only.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every,
-        max_to_keep=keep,
+        max_to_keep=None if read_only else keep,
         enable_async_checkpointing=async_save,
-        create=True,
+        create=not read_only,
     )
+    self.read_only = read_only
     self.manager = ocp.CheckpointManager(directory, options=options)
     self.directory = directory
 
   def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], *, force=False) -> bool:
     """Saves at ``step`` if due (or ``force``); returns whether it saved."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only; it takes no new checkpoint.")
     return self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -50,6 +58,27 @@ class Checkpointer:
         ),
     )
     return restored["state"], restored["meta"]
+
+  def restore_params(self, step: int, abstract_params: dict[str, Any]) -> dict[str, Any]:
+    """The student parameters of the checkpoint at ``step``, without its optimizer state.
+
+    An orbax partial restore: only the arrays named in ``abstract_params`` are read, so the
+    optimizer state (twice the parameters under AdamW) is never loaded.
+
+    Args:
+      step: the checkpoint's step.
+      abstract_params: nested dicts of ``jax.ShapeDtypeStruct`` (with shardings) under string
+        keys, as the ``params`` subtree is saved (``{"blocks": {"0": {"attn": {...}}}}``), or any
+        part of it. A dtype other than the saved one is cast on the host as each shard is read.
+
+    Returns:
+      ``abstract_params``' structure holding the arrays.
+    """
+    item = {"params": abstract_params}
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return restored["state"]["params"]
 
   def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[int, dict, dict] | None:
     """``(step, state, meta)`` of the newest readable checkpoint, or None if there is none.

@@ -191,11 +191,15 @@ def generate(
     *,
     mesh: jax.sharding.Mesh | None = None,
     micro_batch_size: int = 0,
+    vocab_size: int | None = None,
 ) -> Generation:
-  """Samples one completion per prompt (greedy by default); lists in, lists out."""
+  """Samples one completion per prompt (greedy by default); lists in, lists out.
+
+  ``vocab_size``: ids ``>= vocab_size`` are never sampled (None: every embedding row).
+  """
   config = SamplerConfig(
       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-      stop_ids=tuple(stop_ids), micro_batch_size=micro_batch_size,
+      stop_ids=tuple(stop_ids), micro_batch_size=micro_batch_size, vocab_size=vocab_size,
   )
   rollout = Sampler(model, config, mesh=mesh).rollout(prompt_ids, seed=seed)
   tokens, mask = jax.device_get((rollout.tokens, rollout.completion_mask))

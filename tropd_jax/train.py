@@ -102,6 +102,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   """Validates the config, loads models and data, restores the latest checkpoint."""
   config_lib.validate(config)
   config_lib.save_run_config(config)
+  writer = metrics_lib.MetricsWriter.from_config(config)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**config.mesh))
   t_tok = models.load_tokenizer(config.teacher.path)
   s_tok = models.load_tokenizer(config.student.path)
@@ -143,7 +144,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     log.info("resumed from step %d in %s", step, config.workdir)
   nnx.update(student, state.params)
   return Run(config, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache, state,
-             checkpointer, metrics_lib.MetricsWriter(config.workdir), key)
+             checkpointer, writer, key)
 
 
 def optimizer_from_config(config):
@@ -237,26 +238,17 @@ def rollout_metrics(rollout: Rollout) -> dict:
   }
 
 
-def evaluate_student(run: Run, step: int) -> dict:
-  """``evaluate``'s avg@k / pass@k result for the current student on ``eval.path``."""
+def evaluate_student(run: Run, step: int) -> dict[str, dict]:
+  """``evaluate.evaluate_model`` of the current student on ``eval.paths``: ``{set: result}``."""
   cfg = run.config
-  problems = evaluate_lib.load_problems(cfg.eval.path, cfg.data.prompt_key, cfg.data.answer_key,
-                                        cfg.eval.limit or None)
   model = _compute_model(run.student, cfg.student.compute_dtype)
-  generate_fn = evaluate_lib.sampler_generate_fn(
-      model, run.tokenizer, run.mesh, cfg.eval.max_new_tokens, cfg.eval.temperature,
-      micro_batch_size=min(cfg.rollout.micro_batch, len(problems)))
-  result = evaluate_lib.evaluate(generate_fn, run.tokenizer, problems, k=cfg.eval.k,
-                                 out_jsonl=f"{cfg.workdir}/eval/step_{step}.samples.jsonl",
-                                 seed=cfg.seed)
-  log.info("step %d eval: avg@%d %.4f, pass@%d %.4f", step, cfg.eval.k, result["avg@k"],
-           cfg.eval.k, result["pass@k"])
-  return result
-
-
-def _eval_scalars(result: dict) -> dict[str, float]:
-  return {"eval/avg@k": result["avg@k"], "eval/pass@k": result["pass@k"],
-          "eval/response_tokens": result["mean_response_tokens"]}
+  results = evaluate_lib.evaluate_model(model, run.tokenizer, cfg, mesh=run.mesh,
+                                        vocab_size=run.vocab_size,
+                                        out_dir=f"{cfg.workdir}/eval/step_{step}")
+  mean = evaluate_lib.mean_result(results)
+  log.info("step %d eval: avg@%d %.4f, pass@%d %.4f", step, cfg.eval.k, mean["avg@k"],
+           cfg.eval.k, mean["pass@k"])
+  return results
 
 
 class _Phases:
@@ -284,7 +276,7 @@ class _Phases:
 def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) a distillation; returns the last step's metrics.
 
-  With ``eval.path`` set, the student is evaluated before the first step, every
+  With ``eval.paths`` set, the student is evaluated before the first step, every
   ``eval.every`` steps and after the last; the before/after table is printed.
 
   Args:
@@ -300,10 +292,13 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   start = int(run.state.step)
   bar = metrics_lib.ProgressBar(cfg.steps, initial_step=start)
   bad_steps, last = 0, {}
+  t = cfg.train
+  lr_schedule = ts.lr_schedule(lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
+                               steps=cfg.steps)
   evals = {}
-  if start == 0 and cfg.eval.path:
+  if start == 0 and cfg.eval.paths:
     evals[0] = evaluate_student(run, 0)
-    run.writer.write(0, _eval_scalars(evals[0]))
+    run.writer.write(0, evaluate_lib.eval_scalars(evals[0]))
   try:
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
     for step in range(start, end):
@@ -332,6 +327,8 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
           "tokens_per_s/sample": generated / max(t1 - t0, 1e-9),
           "tokens_per_s/score": tokens / max(t2 - t1, 1e-9),
           "tokens_per_s/train": tokens / max(t3 - t2, 1e-9),
+          "tokens_per_step": tokens, "samples_per_s": rollout.tokens.shape[0] / max(t3 - t0, 1e-9),
+          "lr": float(lr_schedule(step * cfg.train.ppo_epochs)),
       })
       if scalars["finite"] < 1:
         bad_steps += 1
@@ -346,10 +343,10 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
               f"{run.checkpointer.manager.latest_step()} are intact.")
       else:
         bad_steps = 0
-      if cfg.eval.path and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
-                            or step + 1 == cfg.steps):
+      if cfg.eval.paths and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
+                             or step + 1 == cfg.steps):
         evals[step + 1] = evaluate_student(run, step + 1)
-        scalars.update(_eval_scalars(evals[step + 1]))
+        scalars.update(evaluate_lib.eval_scalars(evals[step + 1]))
       run.writer.write(step + 1, scalars)
       bar.update(step + 1, scalars)
       last = scalars
@@ -363,7 +360,7 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
         log.warning("received signal %s: saved step %d, exiting.", received, step + 1)
         break
     if len(evals) > 1:
-      print(evaluate_lib.format_summary_table({f"step {s}": e for s, e in evals.items()}))
+      print(evaluate_lib.format_summary_table(evaluate_lib.table_by_step(evals)))
     if jax.process_index() == 0:
       plot = f"{cfg.workdir}/{PLOT_FILE}"
       metrics_lib.plot_metrics(cfg.workdir, PLOT_KEYS, plot)

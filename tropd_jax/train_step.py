@@ -60,16 +60,20 @@ class TrainState:
   step: jax.Array
 
 
+def lr_schedule(*, lr: float, schedule: str, warmup_steps: int, steps: int) -> optax.Schedule:
+  """The learning rate at each update: constant (after a linear warmup) or warmup + cosine."""
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), steps)
+  if warmup_steps:
+    return optax.linear_schedule(0.0, lr, warmup_steps)
+  return optax.constant_schedule(lr)
+
+
 def make_optimizer(*, lr: float, schedule: str, warmup_steps: int, steps: int,
                    weight_decay: float, b1: float, b2: float, grad_clip: float):
   """AdamW with global-norm clipping and a constant or cosine learning rate."""
-  if schedule == "cosine":
-    lr_schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), steps)
-  elif warmup_steps:
-    lr_schedule = optax.linear_schedule(0.0, lr, warmup_steps)
-  else:
-    lr_schedule = optax.constant_schedule(lr)
-  tx = optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+  tx = optax.adamw(lr_schedule(lr=lr, schedule=schedule, warmup_steps=warmup_steps, steps=steps),
+                   b1=b1, b2=b2, weight_decay=weight_decay)
   return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
 
 
