@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class Checkpointer:
     )
     return restored["state"], restored["meta"]
 
-  def restore_params(self, step: int, abstract_params: dict[str, Any]) -> dict[str, Any]:
+  def restore_params(self, step: int, abstract_params: dict[str, Any], *,
+                     host: bool = False) -> dict[str, Any]:
     """The student parameters of the checkpoint at ``step``, without its optimizer state.
 
     An orbax partial restore: only the arrays named in ``abstract_params`` are read, so the
@@ -67,17 +69,23 @@ class Checkpointer:
 
     Args:
       step: the checkpoint's step.
-      abstract_params: nested dicts of ``jax.ShapeDtypeStruct`` (with shardings) under string
-        keys, as the ``params`` subtree is saved (``{"blocks": {"0": {"attn": {...}}}}``), or any
-        part of it. A dtype other than the saved one is cast on the host as each shard is read.
+      abstract_params: nested dicts of ``jax.ShapeDtypeStruct`` under string keys, as the
+        ``params`` subtree is saved (``{"blocks": {"0": {"attn": {...}}}}``), or any part of it.
+        A dtype other than the saved one is cast on the host as the array is read.
+      host: read whole arrays into this process's host memory as NumPy arrays (no device, no
+        collective); otherwise each device reads its shard of ``abstract_params``' shardings.
 
     Returns:
       ``abstract_params``' structure holding the arrays.
     """
     item = {"params": abstract_params}
+    if host:
+      restore_args = jax.tree.map(
+          lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), item)
+    else:
+      restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+        item=item, restore_args=restore_args, partial_restore=True)))
     return restored["state"]["params"]
 
   def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[int, dict, dict] | None:

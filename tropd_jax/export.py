@@ -1,7 +1,7 @@
 """Writes a run's student as a Hugging Face checkpoint (safetensors + config.json + tokenizer).
 
   python -m tropd_jax.export --config=configs/demo.py --config.workdir=runs/demo \
-      --out=students/demo [--dtype=bfloat16] [--step=40] [--max_shard_size=2GB]
+      --out=students/demo [--dtype=bfloat16] [--step=40] [--max_shard_size=1GB]
   python -m tropd_jax.export --workdir=gs://bucket/tropd/aime --out=gs://bucket/students/aime
 
 The run is named as in ``tropd_jax.student``: ``--config`` with its overrides (as ``main`` takes
@@ -9,13 +9,16 @@ it), or ``--workdir`` alone for the config the run recorded in ``run_config.json
 defaults to the newest checkpoint whose parameters can be read (a damaged newest one is skipped
 with a warning); the step used is printed.
 
-Only the ``params`` subtree of the checkpoint is read (no optimizer state), sharded over the
-run's mesh (or every device here when that mesh does not fit), cast to ``--dtype`` (default: the
-student checkpoint's own dtype in its config.json) as it is read. The files are written one at a
-time with the ``safetensors`` library, sharded above ``--max_shard_size`` with
-``model.safetensors.index.json``; the host holds at most one file's tensors, so peak host memory
-is about ``min(exported bytes, max_shard_size)`` above the interpreter's own. ``--out`` must not
-hold a checkpoint already: nothing is overwritten.
+Only the ``params`` subtree of the checkpoint is read (an orbax partial restore: the optimizer
+state is never read), straight into host memory, cast to ``--dtype`` (default: the student
+checkpoint's own dtype in its config.json) as each tensor is read: no accelerator memory is used,
+so any machine that can read the work directory exports any student. The files are written one
+at a time with the ``safetensors`` library, sharded above ``--max_shard_size`` with
+``model.safetensors.index.json``; the host holds one file's tensors and one tensor being read,
+so peak host memory is about ``min(exported bytes, max_shard_size)`` + the largest tensor's
+saved bytes above the interpreter's own (benchmarks/export_memory.py measures it). On a
+multi-host run, process 0 reads and writes; the others wait. ``--out`` must not hold a
+checkpoint already: nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tropd_jax.models import hf_io
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SHARD_SIZE = "2GB"
+DEFAULT_MAX_SHARD_SIZE = "1GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
 
@@ -75,32 +78,39 @@ def _check_new_output(out: str) -> None:
 
 def export(config: ml_collections.ConfigDict, out: str, *, step: int | None = None,
            dtype: str | None = None,
-           max_shard_bytes: int = parse_size(DEFAULT_MAX_SHARD_SIZE),
-           mesh: jax.sharding.Mesh | None = None) -> Exported:
-  """Writes the run's student at ``step`` to ``out`` as an HF checkpoint.
+           max_shard_bytes: int = parse_size(DEFAULT_MAX_SHARD_SIZE)) -> Exported | None:
+  """Writes the run's student at ``step`` to ``out`` as an HF checkpoint (on process 0).
 
   Args:
-    config: the run's config (``workdir``, ``student.path``, ``mesh``).
+    config: the run's config (``workdir``, ``student.path``).
     out: the output directory (local or fsspec URL); must not hold a checkpoint.
     step: the checkpoint's step; None: the newest whose parameters can be read.
     dtype: ``bfloat16`` or ``float32``; None: the student checkpoint's config.json dtype.
     max_shard_bytes: the most tensor bytes per file (and so held on the host at once).
-    mesh: where the parameters are restored; default ``student.run_mesh(config)``.
 
   Returns:
-    What was written (``Exported``).
+    What was written (``Exported``); None on processes other than 0.
   """
+  try:
+    return _export(config, out, step=step, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  finally:
+    if jax.process_count() > 1:  # The others wait until process 0 is done, or has failed.
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("tropd_jax.export")
+
+
+def _export(config, out: str, *, step, dtype, max_shard_bytes) -> Exported | None:
+  if jax.process_index() != 0:
+    return None
   cfg = student_lib.student_config(config, dtype)
-  mesh = mesh or student_lib.run_mesh(config)
-  abstract = student_lib.abstract_params(cfg, mesh)
-  if jax.process_index() == 0:
-    _check_new_output(out)
+  abstract = student_lib.abstract_params(cfg)
+  _check_new_output(out)
   checkpointer = student_lib.open_checkpoints(config.workdir)
 
   def write(s: int) -> list[str]:
     def read(paths):
-      arrays = student_lib.read_params(checkpointer, s, {p: abstract[p] for p in paths})
-      return {p: hf_io.to_host(arrays.pop(p)) for p in paths}
+      return student_lib.read_params(checkpointer, s, {p: abstract[p] for p in paths}, host=True)
 
     log.info("writing the parameters of step %d to %s (%s)", s, out, cfg.dtype)
     return hf_io.write_hf_checkpoint(out, cfg, read, tokenizer_dir=config.student.path,
@@ -110,8 +120,7 @@ def export(config: ml_collections.ConfigDict, out: str, *, step: int | None = No
     used, files = student_lib.with_newest_readable(checkpointer, step, write)
   finally:
     checkpointer.close()
-  num_bytes = hf_io.num_bytes(cfg)
-  return Exported(used, cfg.dtype, tuple(files), num_bytes)
+  return Exported(used, cfg.dtype, tuple(files), hf_io.num_bytes(cfg))
 
 
 def main(argv) -> None:
@@ -126,8 +135,9 @@ def main(argv) -> None:
   except (ValueError, FileNotFoundError, FileExistsError,
           student_lib.UnreadableCheckpointError) as e:
     sys.exit(f"error: {e}")
-  print(f"wrote the student at step {result.step} of {config.workdir} to {_OUT.value}: "
-        f"{result.dtype}, {len(result.files)} file(s), {result.num_bytes / 1e6:.1f} MB")
+  if result is not None:
+    print(f"wrote the student at step {result.step} of {config.workdir} to {_OUT.value}: "
+          f"{result.dtype}, {len(result.files)} file(s), {result.num_bytes / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":
@@ -144,7 +154,7 @@ if __name__ == "__main__":
   _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Dtype of the exported "
                              "weights (default: the student checkpoint's config.json dtype).")
   _MAX_SHARD_SIZE = flags.DEFINE_string(
-      "max_shard_size", DEFAULT_MAX_SHARD_SIZE, "Most bytes per safetensors file (e.g. 2GB, "
+      "max_shard_size", DEFAULT_MAX_SHARD_SIZE, "Most bytes per safetensors file (e.g. 1GB, "
       "500MB); bounds the host memory of the export.")
   flags.mark_flags_as_required(["out"])
   app.run(main)

@@ -67,11 +67,14 @@ def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return mesh_lib.make_mesh(mesh_lib.MeshConfig())
 
 
-def abstract_params(cfg, mesh: jax.sharding.Mesh) -> dict[tuple, jax.ShapeDtypeStruct]:
-  """``{parameter path: ShapeDtypeStruct}`` of a ``cfg`` student in ``cfg.dtype`` on ``mesh``."""
+def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None
+                    ) -> dict[tuple, jax.ShapeDtypeStruct]:
+  """``{parameter path: ShapeDtypeStruct}`` of a ``cfg`` student in ``cfg.dtype``, sharded on
+  ``mesh`` by the parameters' logical axes (None: unsharded, for host reads)."""
   out = {}
   for path, var in hf_io.model_params(models.abstract_model(cfg)):
-    sharding = mesh_lib.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
+    sharding = None if mesh is None else mesh_lib.named_sharding(
+        var.get_metadata()["logical_axes"], var.shape, mesh)
     out[path] = jax.ShapeDtypeStruct(var.shape, cfg.param_dtype, sharding=sharding)
   return out
 
@@ -139,10 +142,14 @@ def with_newest_readable(checkpointer: ckpt_lib.Checkpointer, step: int | None,
 
 
 def read_params(checkpointer: ckpt_lib.Checkpointer, step: int,
-                abstract: Mapping[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
-  """``{path: array}`` of the ``abstract`` parameters at ``step`` (params only, cast on read)."""
+                abstract: Mapping[tuple, jax.ShapeDtypeStruct], *,
+                host: bool = False) -> dict[tuple, Any]:
+  """``{path: array}`` of the ``abstract`` parameters at ``step`` (params only, cast on read).
+
+  ``host``: NumPy arrays in this process's memory instead of arrays sharded on devices.
+  """
   try:
-    tree = checkpointer.restore_params(step, nest(abstract))
+    tree = checkpointer.restore_params(step, nest(abstract), host=host)
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "cannot read".
     message = str(e).splitlines()[0][:300] if str(e) else ""
     raise UnreadableCheckpointError(

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 EXTRA_FILES = TOKENIZER_FILES + ("generation_config.json",)
 """Files besides the weights that an exported checkpoint takes from the source checkpoint."""
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-READ_GROUP_BYTES = 256 * 1024**2
+DEFAULT_MAX_SHARD_BYTES = 10**9
+READ_GROUP_BYTES = 64 * 1024**2
 """Bytes of parameters fetched to the host at once while writing (a larger tensor alone)."""
 _MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
 
