@@ -35,6 +35,7 @@ import posixpath
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 
 import fsspec
@@ -242,7 +243,7 @@ def _start_wandb(workdir: str, settings: WandbSettings):
   if fs.exists(fpath):
     run_id = fs.cat_file(fpath).decode().strip()
   else:
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits.
     fs.makedirs(posixpath.dirname(fpath), exist_ok=True)
     fs.pipe_file(fpath, run_id.encode())
   local = _is_local(workdir)
