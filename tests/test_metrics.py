@@ -177,8 +177,8 @@ def test_wandb_offline_run_resumes(tmp_path, monkeypatch):
   assert (run.run_id, run.project, run.display_name) == (run_id, "tropd", "myrun")
   config_items = {i.key: json.loads(i.value_json) for i in run.config.update}
   assert config_items["train"]["lr"] == 3e-4
-  history = [{i.key: json.loads(i.value_json) for i in r.history.item} for r in records
-             if r.WhichOneof("record_type") == "history"]
+  history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+             for r in records if r.WhichOneof("record_type") == "history"]
   assert [(h["_step"], h["loss"], h["lr"]) for h in history] == [(1, 1.0, 3e-4), (2, 0.5, 3e-4)]
   assert all("bad" not in h for h in history)  # Non-finite values are left out.
 
