@@ -92,7 +92,7 @@ def test_teacher_solves_what_the_student_gets_wrong():
 def test_demo_config_and_variants():
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config_lib.validate(config)
-  assert config.objective.name == "tropd" and config.eval.path.endswith("heldout.jsonl")
+  assert config.objective.name == "tropd" and config.eval.paths[0].endswith("heldout.jsonl")
   assert config.rollout.prompt_buckets[-1] >= config.data.max_prompt_tokens
   for objective in ablation.OBJECTIVES:
     variant = config_lib.load_config_file(os.path.join(ROOT, "configs", f"demo.py:{objective}"))

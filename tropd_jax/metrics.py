@@ -398,6 +398,10 @@ class ProgressBar:
     self._bar.set_postfix(postfix, refresh=False)
     self._bar.update(step - self._bar.n)
 
+  def write(self, text: str) -> None:
+    """Prints ``text`` to stdout above the bar (which is redrawn below it)."""
+    self._bar.write(text, file=sys.stdout)
+
   def close(self) -> None:
     self._bar.close()
 

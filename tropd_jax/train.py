@@ -360,7 +360,7 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
         log.warning("received signal %s: saved step %d, exiting.", received, step + 1)
         break
     if len(evals) > 1:
-      print(evaluate_lib.format_summary_table(evaluate_lib.table_by_step(evals)))
+      bar.write(evaluate_lib.format_summary_table(evaluate_lib.table_by_step(evals)))
     if jax.process_index() == 0:
       plot = f"{cfg.workdir}/{PLOT_FILE}"
       metrics_lib.plot_metrics(cfg.workdir, PLOT_KEYS, plot)
