@@ -110,7 +110,8 @@ def main() -> None:
   subprocess.run([sys.executable, os.path.abspath(__file__), "--make_only", *sys.argv[1:]],
                  check=True)
   shard = [f"--max_shard_size={args.max_shard_size}"] if args.max_shard_size else []
-  for name, workdir in (("demo student (baseline)", demo_run), ("bench student", f"{args.root}/run")):
+  runs = (("demo student (baseline)", demo_run), ("bench student", f"{args.root}/run"))
+  for name, workdir in runs:
     out = f"{args.root}/out_{len(os.listdir(args.root))}"
     rss, printed = measure([f"--workdir={workdir}", f"--out={out}", "--dtype=bfloat16", *shard])
     exported = sum(os.path.getsize(f"{out}/{f}") for f in os.listdir(out)

@@ -298,9 +298,7 @@ def evaluate_model(model, tokenizer, config, *, mesh=None, vocab_size: int | Non
     ``{set name: evaluate(...) result}`` in ``eval.paths`` order (``mean_result`` for the mean).
   """
   e = config.eval
-  if not e.paths:
-    raise ValueError("config field eval.paths is empty: name the problem sets to evaluate on, "
-                     "e.g. --config.eval.paths=\"('aime24.jsonl', 'aime25.jsonl')\".")
+  _require_sets(config)
   generate_fn = sampler_generate_fn(
       model, tokenizer, mesh, e.max_new_tokens, e.temperature, config.rollout.micro_batch,
       top_p=e.top_p, top_k=e.top_k, vocab_size=vocab_size)
@@ -317,6 +315,12 @@ def evaluate_model(model, tokenizer, config, *, mesh=None, vocab_size: int | Non
     with fsspec.open(f"{out_dir}/{RESULTS_FILE}", "wt") as f:
       json.dump(with_mean(results), f, indent=2)
   return results
+
+
+def _require_sets(config) -> None:
+  if not config.eval.paths:
+    raise ValueError("config field eval.paths is empty: name the problem sets to evaluate on, "
+                     "e.g. --config.eval.paths=\"('aime24.jsonl', 'aime25.jsonl')\".")
 
 
 def _new_out_dir(out: str) -> str:
@@ -339,9 +343,7 @@ def run(config, *, step: int | None = None, checkpoint: str | None = None,
   if step is not None and checkpoint:
     raise ValueError("give --step (an orbax step of the run) or --checkpoint (an HF "
                      "checkpoint), not both.")
-  if not config.eval.paths:
-    raise ValueError("config field eval.paths is empty: name the problem sets, e.g. "
-                     "--config.eval.paths=\"('aime24.jsonl', 'aime25.jsonl')\".")
+  _require_sets(config)
   if out:
     out = _new_out_dir(out)
   mesh = student_lib.run_mesh(config)
@@ -360,7 +362,7 @@ def run(config, *, step: int | None = None, checkpoint: str | None = None,
     source = f"step {used} of {config.workdir}"
     label = f"step_{used}"
     log.info("evaluating the parameters of step %d of %s", used, config.workdir)
-  vocab_size = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
+  vocab_size = tokenizer.vocab_size  # As training masks: ids past the tokenizer's never sampled.
   if out is None:
     stamp = time.strftime("%Y%m%d_%H%M%S")
     out = _new_out_dir(f"{config.workdir.rstrip('/')}/eval/evaluate_{label}_{stamp}")

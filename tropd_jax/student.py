@@ -53,7 +53,7 @@ def run_config(config: ml_collections.ConfigDict | None,
 
 
 def student_config(config: ml_collections.ConfigDict, dtype: str | None = None):
-  """The student's ``ModelConfig`` (its checkpoint's config.json) in ``dtype`` (default: its own)."""
+  """The student's ``ModelConfig`` (its checkpoint's config.json), in ``dtype`` (None: its own)."""
   return models.load_config(config.student.path, dtype=dtype)
 
 

@@ -272,7 +272,7 @@ def num_bytes(cfg: ModelConfig) -> int:
 
 
 def shard_file_names(num_shards: int) -> list[str]:
-  """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` as ``save_pretrained`` names them."""
+  """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` (transformers' names)."""
   if num_shards == 1:
     return ["model.safetensors"]
   return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
