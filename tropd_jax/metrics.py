@@ -149,6 +149,7 @@ class RunLog:
     self._handler.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname).1s %(name)s:%(lineno)d] %(message)s"))
     root = logging.getLogger()
+    self._root_level = root.level
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
     root.addHandler(self._handler)
     RunLog._current = self
@@ -156,7 +157,9 @@ class RunLog:
   def close(self) -> None:
     if self._handler is None:
       return
-    logging.getLogger().removeHandler(self._handler)
+    root = logging.getLogger()
+    root.removeHandler(self._handler)
+    root.setLevel(self._root_level)
     self._handler.close()
     self._handler = None
     if RunLog._current is self:
