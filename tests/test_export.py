@@ -204,3 +204,23 @@ def test_bfloat16_export_of_the_demo_student_decodes_as_its_float32_weights(tmp_
     generated = hf.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False,
                             eos_token_id=list(tok.stop_ids), pad_token_id=tok.pad_id)
     assert generated[0, len(prompt):].tolist() == expected
+
+
+def test_a_hub_tokenizer_fetches_only_tokenizer_files(tmp_path, monkeypatch):
+  """load_tokenizer on a hub id asks for the tokenizer's files, never the weights."""
+  import huggingface_hub
+
+  from hf_fixtures import make_tokenizer
+
+  make_tokenizer(tmp_path)
+  asked = []
+
+  def snapshot_download(repo_id, allow_patterns):  # No network here: the files are local.
+    asked.append((repo_id, list(allow_patterns)))
+    return str(tmp_path)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  assert models.load_tokenizer("someone/some-model").vocab_size > 0
+  ((repo_id, patterns),) = asked
+  assert repo_id == "someone/some-model" and "tokenizer.json" in patterns
+  assert not any(p.endswith(".safetensors") or p == "*.json" for p in patterns)
