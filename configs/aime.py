@@ -54,5 +54,8 @@ def get_config(variant: str | None = None):
   c.checkpoint.every = 20
   c.checkpoint.keep = 3
 
-  c.eval.path = ""  # e.g. gs://my-bucket/data/aime24.jsonl (problem, answer)
+  # The paper's sets, each a JSONL of {problem, answer}; reported per set and as their mean, e.g.
+  # --config.eval.paths="('gs://my-bucket/data/aime24.jsonl', 'gs://my-bucket/data/aime25.jsonl',
+  # 'gs://my-bucket/data/amc23.jsonl')".
+  c.eval.paths = ()
   return c

@@ -77,7 +77,7 @@ def get_config(variant: str | None = None):
   c.checkpoint.keep = 1
   c.checkpoint.async_save = False
 
-  c.eval.path = os.path.join(ASSETS, "heldout.jsonl")
+  c.eval.paths = (os.path.join(ASSETS, "heldout.jsonl"),)
   c.eval.every = 10
   c.eval.k = 2  # avg@2 over 256 problems: 512 graded samples per evaluation.
   c.eval.max_new_tokens = 56

@@ -92,7 +92,7 @@ def test_teacher_solves_what_the_student_gets_wrong():
 def test_demo_config_and_variants():
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config_lib.validate(config)
-  assert config.objective.name == "tropd" and config.eval.path.endswith("heldout.jsonl")
+  assert config.objective.name == "tropd" and config.eval.paths[0].endswith("heldout.jsonl")
   assert config.rollout.prompt_buckets[-1] >= config.data.max_prompt_tokens
   for objective in ablation.OBJECTIVES:
     variant = config_lib.load_config_file(os.path.join(ROOT, "configs", f"demo.py:{objective}"))
@@ -139,7 +139,7 @@ def test_notebook_runs_the_demo(tmp_path, monkeypatch):
   monkeypatch.setenv("TROPD_DEMO_STEPS", "2")
   monkeypatch.setenv("TROPD_DEMO_WORKDIR", str(workdir))
   monkeypatch.setenv("TROPD_DEMO_FLAGS", " ".join([
-      "--config.rollout.prompts_per_step=8", "--config.rollout.micro_batch=32",
+      "--config.rollout.prompts_per_step=8", "--config.rollout.slots=32",
       "--config.train.micro_batch=8", "--config.eval.limit=8", "--config.eval.every=0"]))
   nb = nbformat.read(os.path.join(ROOT, "notebooks", "colab_demo.ipynb"), as_version=4)
   nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",

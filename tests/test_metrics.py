@@ -1,7 +1,8 @@
-"""MetricsWriter (JSONL + TensorBoard), read-back, the progress bar and plots."""
+"""MetricsWriter (JSONL, TensorBoard, W&B), the run log, read-back, the progress bar and plots."""
 
 import glob
 import json
+import logging
 import math
 import struct
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+import tiny_run
 from tropd_jax import metrics
 
 
@@ -107,3 +109,116 @@ def test_plot_metrics(tmp_path):
   assert out.read_bytes().startswith(b"\x89PNG")
   with pytest.raises(ValueError, match="none of"):
     metrics.plot_metrics(str(tmp_path), ["missing"], str(out))
+
+
+def test_console_shows_our_lines_and_warnings_the_log_file_everything(tmp_path, capsys):
+  root = logging.getLogger()
+  before = list(root.handlers), root.level
+  try:
+    metrics.configure_console_logging()
+    metrics.configure_console_logging()  # Idempotent: one console handler.
+    run_log = metrics.RunLog(str(tmp_path))
+    logging.getLogger("absl").info("orbax: checkpoint details")
+    logging.getLogger("tropd_jax.train").info("step 1 eval")
+    logging.getLogger("jax._src.xla_bridge").warning("a library warning")
+    run_log.close()
+    logging.getLogger("tropd_jax.train").info("after the run")
+  finally:
+    root.handlers[:] = before[0]
+    root.setLevel(before[1])
+  err = capsys.readouterr().err
+  assert err.count("step 1 eval") == 1 and "a library warning" in err
+  assert "orbax: checkpoint details" not in err
+  text = (tmp_path / "log.txt").read_text()
+  for line in ("orbax: checkpoint details", "step 1 eval", "a library warning"):
+    assert line in text
+  assert "after the run" not in text
+
+
+def _wandb_records(run_dir) -> list:
+  """The records of an offline W&B run file (LevelDB log format: 32 KiB blocks of chunks)."""
+  from wandb.proto import wandb_internal_pb2
+
+  (path,) = glob.glob(f"{run_dir}/run-*.wandb")
+  data = open(path, "rb").read()
+  pos, buf, records = 7, b"", []  # After the ":W&B" header, its magic and version.
+  while pos + 7 <= len(data):
+    if 32768 - pos % 32768 < 7:
+      pos += 32768 - pos % 32768
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if kind == 0 and length == 0:
+      break
+    buf += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # A whole record, or the last chunk of one.
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(buf)
+      records.append(record)
+      buf = b""
+  return records
+
+
+def test_wandb_offline_run_resumes(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = tiny_run.config({"workdir": str(tmp_path / "myrun"), "metrics.wandb_project": "tropd",
+                            "train.lr": 3e-4})
+  for steps in ((1, 2), (3,)):  # A run, then its resumption.
+    with metrics.MetricsWriter.from_config(config, enabled=True) as writer:
+      for step in steps:
+        writer.write(step, {"loss": 1.0 / step, "lr": 3e-4, "bad": float("nan")})
+  run_id = (tmp_path / "myrun" / "wandb_run_id").read_text()
+  runs = sorted(glob.glob(f"{tmp_path}/myrun/wandb/offline-run-*-{run_id}"))
+  assert len(runs) == 2  # Both launches logged into the one W&B run.
+  records = _wandb_records(runs[0])
+  (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+  assert (run.run_id, run.project, run.display_name) == (run_id, "tropd", "myrun")
+  config_items = {i.key: json.loads(i.value_json) for i in run.config.update}
+  assert config_items["train"]["lr"] == 3e-4
+  history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+             for r in records if r.WhichOneof("record_type") == "history"]
+  assert [(h["_step"], h["loss"], h["lr"]) for h in history] == [(1, 1.0, 3e-4), (2, 0.5, 3e-4)]
+  assert all("bad" not in h for h in history)  # Non-finite values are left out.
+
+
+def tensorboard_texts(logdir) -> dict[str, str]:
+  out = {}
+  for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        if value.tensor.string_val:
+          out[value.tag] = value.tensor.string_val[0].decode()
+  return out
+
+
+def test_training_logs_learning_rate_throughput_config_and_every_set():
+  root, overrides = tiny_run.tiny_run()
+  workdir = overrides["workdir"]
+  records = metrics.read_metrics(workdir)
+  assert [r["step"] for r in records] == [0, 1, 2]
+  for r in records[1:]:
+    assert r["lr"] == pytest.approx(1e-2)  # tests/tiny_config.py: constant 1e-2.
+    assert r["tokens_per_step"] > 0 and r["samples_per_s"] > 0
+  for r in (records[0], records[-1]):
+    sets = [r[f"eval/{name}/avg@k"] for name in ("set_a", "set_b")]
+    assert r["eval/avg@k"] == pytest.approx(sum(sets) / 2)
+  text = tensorboard_texts(f"{workdir}/tensorboard")["config/text_summary"]
+  assert '"system_prompt": "Box the answer."' in text
+  log_text = open(f"{workdir}/log.txt").read()
+  assert "CheckpointManager" in log_text and "step 2 eval" in log_text
+
+
+def test_learning_rate_schedules():
+  from tropd_jax import train_step as ts
+
+  cosine = ts.lr_schedule(lr=1.0, schedule="cosine", warmup_steps=2, steps=10)
+  assert [float(cosine(s)) for s in (0, 1, 2)] == [0.0, 0.5, 1.0] and float(cosine(10)) < 1e-6
+  warm = ts.lr_schedule(lr=2.0, schedule="constant", warmup_steps=4, steps=10)
+  assert [float(warm(s)) for s in (0, 2, 4, 9)] == [0.0, 1.0, 2.0, 2.0]

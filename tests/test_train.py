@@ -146,15 +146,15 @@ def test_eval_and_export(checkpoints, tmp_path):
   problems = tmp_path / "eval.jsonl"
   problems.write_text("".join(json.dumps({"problem": p, "answer": "12"}) + "\n"
                               for p in PROBLEMS[:2]))
-  config = tiny_config(checkpoints, tmp_path / "run", "opd", steps=2, eval__path=str(problems),
-                       eval__k=2, eval__max_new_tokens=4)
+  config = tiny_config(checkpoints, tmp_path / "run", "opd", steps=2,
+                       eval__paths=(str(problems),), eval__k=2, eval__max_new_tokens=4)
   last = train.run_training(config)
   assert "eval/avg@k" in last
   records = metrics_lib.read_metrics(str(tmp_path / "run"))
   assert records[0]["step"] == 0 and "eval/avg@k" in records[0]
-  assert os.path.exists(tmp_path / "run" / "eval" / "step_2.samples.jsonl")
+  assert os.path.exists(tmp_path / "run" / "eval" / "step_2" / "eval.samples.jsonl")
   out = tmp_path / "exported"
-  assert export.export(str(tmp_path / "run"), str(out)) == 2
+  assert export.export(config, str(out)).step == 2
   exported = models.from_pretrained(str(out))
   run = train.setup(config)
   for a, b in zip(_params(exported), _params(run.student)):

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -21,20 +22,28 @@ log = logging.getLogger(__name__)
 class Checkpointer:
   """Saves and restores ``{"params", "opt_state"}`` pytrees plus JSON metadata."""
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, every: int = 1, keep: int = 1, async_save: bool = True,
+               read_only: bool = False):
+    """Opens (and creates) ``directory``; ``read_only``: never creates, saves or deletes.
+
+    (Orbax's own ``read_only`` option warns on every use; without saves nothing is deleted.)
+    """
     if "://" not in directory:
       directory = os.path.abspath(directory)  # Orbax takes absolute paths only.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every,
-        max_to_keep=keep,
+        max_to_keep=None if read_only else keep,
         enable_async_checkpointing=async_save,
-        create=True,
+        create=not read_only,
     )
+    self.read_only = read_only
     self.manager = ocp.CheckpointManager(directory, options=options)
     self.directory = directory
 
   def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], *, force=False) -> bool:
     """Saves at ``step`` if due (or ``force``); returns whether it saved."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only; it takes no new checkpoint.")
     return self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -50,6 +59,34 @@ class Checkpointer:
         ),
     )
     return restored["state"], restored["meta"]
+
+  def restore_params(self, step: int, abstract_params: dict[str, Any], *,
+                     host: bool = False) -> dict[str, Any]:
+    """The student parameters of the checkpoint at ``step``, without its optimizer state.
+
+    An orbax partial restore: only the arrays named in ``abstract_params`` are read, so the
+    optimizer state (twice the parameters under AdamW) is never loaded.
+
+    Args:
+      step: the checkpoint's step.
+      abstract_params: nested dicts of ``jax.ShapeDtypeStruct`` under string keys, as the
+        ``params`` subtree is saved (``{"blocks": {"0": {"attn": {...}}}}``), or any part of it.
+        A dtype other than the saved one is cast on the host as the array is read.
+      host: read whole arrays into this process's host memory as NumPy arrays (no device, no
+        collective); otherwise each device reads its shard of ``abstract_params``' shardings.
+
+    Returns:
+      ``abstract_params``' structure holding the arrays.
+    """
+    item = {"params": abstract_params}
+    if host:
+      restore_args = jax.tree.map(
+          lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), item)
+    else:
+      restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+    return restored["state"]["params"]
 
   def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[int, dict, dict] | None:
     """``(step, state, meta)`` of the newest readable checkpoint, or None if there is none.

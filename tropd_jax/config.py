@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import posixpath
 from typing import Any
 
 import fsspec
@@ -131,12 +132,25 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.path = ""  # JSONL with problem/answer (local, gs:// or hf://datasets/...); "" = none.
+  # JSONL problem sets (local, gs://), each reported on its own and in the mean (avg@k, pass@k);
+  # () = no evaluation. On the command line: --config.eval.paths="('a.jsonl', 'b.jsonl')".
+  c.eval.paths = ()
+  c.eval.problem_key = "problem"  # Field of an evaluation record holding the problem text.
+  c.eval.answer_key = "answer"  # Field holding the gold answer.
   c.eval.every = 0  # Steps between in-training evaluations; 0 = only before and after.
   c.eval.k = 4  # Samples per problem (avg@k).
   c.eval.max_new_tokens = 8096
   c.eval.temperature = 0.6
-  c.eval.limit = 0  # Problems used; 0 = all.
+  c.eval.top_p = 1.0  # Nucleus sampling of evaluation responses (1 = off).
+  c.eval.top_k = 0  # 0 = no top-k filter.
+  c.eval.limit = 0  # Problems used from each set; 0 = all.
+
+  c.metrics = ml_collections.ConfigDict()
+  # Weights & Biases project; "" = no W&B. Needs `pip install wandb` and `wandb login` (or
+  # WANDB_MODE=offline). A resumed run continues the same W&B run.
+  c.metrics.wandb_project = ""
+  c.metrics.wandb_entity = ""  # W&B team or user; "" = your default entity.
+  c.metrics.wandb_run_name = ""  # "" = the work directory's name.
 
   c.log_every = 1
   c.lock()
@@ -161,7 +175,8 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps", "rollout.top_k",
     "rollout.temperature", "guidance.per_prompt", "eval.every", "eval.limit", "data.num_epochs",
-    "guidance.teacher_temperature", "eval.temperature", "rollout.kv_pages", "train.pack_length",
+    "guidance.teacher_temperature", "eval.temperature", "eval.top_k", "rollout.kv_pages",
+    "train.pack_length",
 )
 _REQUIRED = ("workdir", "student.path", "teacher.path", "data.train_path")
 
@@ -196,7 +211,19 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not fsspec.open(path).fs.exists(path):
     raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a tropd_jax work directory.")
   with fsspec.open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    recorded = _flatten(ml_collections.ConfigDict(json.load(f)))
+  if "eval.path" in recorded:  # Recorded before eval.path became the list eval.paths.
+    single = recorded.pop("eval.path")
+    recorded.setdefault("eval.paths", (single,) if single else ())
+  # On the defaults: fields added since the run started take their default values.
+  config = defaults()
+  for name, value in recorded.items():
+    try:
+      config.update_from_flattened_dict({name: tuple(value) if isinstance(value, list) else value})
+    except (KeyError, AttributeError):
+      raise ValueError(f"{path}: field {name!r} is not a config field of this version of "
+                       "tropd_jax; pass the run's config file with --config instead.") from None
+  return config
 
 
 def _get(config, dotted: str):
@@ -239,8 +266,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name in _NON_NEGATIVE:
     if not _get(config, name) >= 0:
       raise ValueError(f"config field {name}={_get(config, name)!r} must be >= 0.")
-  if not 0 < config.rollout.top_p <= 1:
-    raise ValueError(f"config field rollout.top_p={config.rollout.top_p!r} must be in (0, 1].")
+  for name in ("rollout.top_p", "eval.top_p"):
+    if not 0 < _get(config, name) <= 1:
+      raise ValueError(f"config field {name}={_get(config, name)!r} must be in (0, 1].")
+  _validate_eval_paths(config.eval.paths)
   if config.objective.name not in OBJECTIVES:
     raise ValueError(
         f"config field objective.name={config.objective.name!r} is not one of {sorted(OBJECTIVES)}."
@@ -266,6 +295,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"config field train.pack_length={pack} cannot hold the longest sequence of a step "
         f"({longest} = rollout.prompt_buckets[-1] + rollout.max_new_tokens); raise it or set 0.")
   return config
+
+
+def _validate_eval_paths(paths) -> None:
+  if isinstance(paths, str) or not all(isinstance(p, str) and p for p in paths):
+    raise ValueError(
+        f"config field eval.paths={paths!r} must be a tuple of file paths, e.g. "
+        "--config.eval.paths=\"('aime24.jsonl', 'aime25.jsonl')\".")
+  names = [eval_set_name(p) for p in paths]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f"config field eval.paths={tuple(paths)!r} names the set {repeated[0]!r} "
+                     "twice (a set is named by its file name); rename one of the files.")
+
+
+def eval_set_name(path: str) -> str:
+  """How an evaluation set is reported: its file name without the extension (``aime24``)."""
+  return posixpath.splitext(posixpath.basename(str(path).rstrip("/")))[0]
 
 
 def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -27,8 +25,9 @@ def main(argv) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _TPU_POD.value or (jax.config.jax_platforms in (None, "", "tpu") and _on_gke_tpu_pod()):
     jax.distributed.initialize()
-  logging.getLogger().setLevel(logging.INFO)
-  from tropd_jax import train
+  from tropd_jax import metrics, train
+
+  metrics.configure_console_logging()
 
   train.run_training(_CONFIG.value)
 

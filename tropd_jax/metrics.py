@@ -12,11 +12,21 @@ a dependency of gcsfs; TensorBoard reads `--logdir gs://…` itself). For anothe
 (any fsspec URL) the JSONL is written through fsspec and the events go to a local mirror directory
 that is logged at start-up.
 
-Only process 0 writes by default, so a multi-host run logs once.
+  <workdir>/log.txt         every log line of the run at INFO and above, libraries' included
+                            (orbax, absl, jax); the console shows tropd_jax's own lines and
+                            every warning, printed above the progress bar. Processes other than
+                            0 write log.process_<i>.txt; a remote work directory gets
+                            logs/log.<start time>.txt, uploaded when the run ends.
+
+With `metrics.wandb_project` set, the same scalars and the config also go to Weights & Biases
+(`MetricsWriter.from_config`); a resumed run continues its W&B run (id in <workdir>/wandb_run_id).
+
+Only process 0 writes metrics by default, so a multi-host run logs once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +35,7 @@ import posixpath
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 
 import fsspec
@@ -37,6 +48,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOG_FILE = "log.txt"
+WANDB_ID_FILE = "wandb_run_id"
 
 PROGRESS_KEYS: dict[str, str] = {
     "loss": "loss",
@@ -64,6 +77,104 @@ def _tensorboard_dir(workdir: str) -> str:
   mirror = os.path.join(tempfile.gettempdir(), "tropd_jax_tensorboard", workdir.replace("://", "/"))
   log.info("TensorBoard events of %s are written to the local mirror %s", workdir, mirror)
   return mirror
+
+
+class _ConsoleHandler(logging.StreamHandler):
+  """Prints log lines through ``tqdm.write``, so they land above an active progress bar."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      tqdm.tqdm.write(self.format(record), file=self.stream)
+    except Exception:  # noqa: BLE001 - logging must never raise.
+      self.handleError(record)
+
+
+def _console_filter(record: logging.LogRecord) -> bool:
+  """tropd_jax's own lines at every level; other libraries' (orbax, absl, jax) from WARNING."""
+  return record.levelno >= logging.WARNING or record.name.split(".")[0] in ("tropd_jax",
+                                                                            "__main__")
+
+
+def configure_console_logging() -> None:
+  """Logging for a command: INFO to handlers, the console showing only ``_console_filter``'s.
+
+  Replaces absl's stderr handler (``app.run`` installs it), so library INFO lines stay out of the
+  console; ``log_to_file`` keeps them in the work directory. Calling it again changes nothing.
+  """
+  from absl import logging as absl_logging
+
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  root.removeHandler(absl_logging.get_absl_handler())
+  for handler in root.handlers:
+    if isinstance(handler, _ConsoleHandler):
+      return
+  handler = _ConsoleHandler(sys.stderr)
+  handler.addFilter(_console_filter)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s] %(message)s",
+                                         "%H:%M:%S"))
+  root.addHandler(handler)
+
+
+class RunLog:
+  """Every log record at INFO and above, libraries' included, in the work directory's log file.
+
+  Local work directories append to ``<workdir>/log.txt`` (``log.process_<i>.txt`` on processes
+  other than 0); a remote one (gs://) gets ``logs/log.<start time>.txt``, written locally and
+  uploaded by ``close``. Opening a new ``RunLog`` closes the previous one of the process.
+
+  Args:
+    workdir: the run's work directory.
+  """
+
+  _current: RunLog | None = None
+
+  def __init__(self, workdir: str):
+    if RunLog._current is not None:
+      RunLog._current.close()
+    workdir = str(workdir).rstrip("/")
+    index = jax.process_index()
+    name = LOG_FILE if index == 0 else f"log.process_{index}.txt"
+    self._upload_to = None
+    if _is_local(workdir):
+      self.path = os.path.join(workdir.removeprefix("file://"), name)
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    else:
+      stamp = time.strftime("%Y%m%d_%H%M%S")
+      self._upload_to = f"{workdir}/logs/{name.replace('.txt', f'.{stamp}.txt')}"
+      fd, self.path = tempfile.mkstemp(prefix="tropd_jax_log_", suffix=".txt")
+      os.close(fd)
+    self._handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+    self._handler.setLevel(logging.INFO)
+    self._handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname).1s %(name)s:%(lineno)d] %(message)s"))
+    root = logging.getLogger()
+    self._root_level = root.level
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    root.addHandler(self._handler)
+    RunLog._current = self
+
+  def close(self) -> None:
+    if self._handler is None:
+      return
+    root = logging.getLogger()
+    root.removeHandler(self._handler)
+    root.setLevel(self._root_level)
+    self._handler.close()
+    self._handler = None
+    if RunLog._current is self:
+      RunLog._current = None
+    if self._upload_to is not None:
+      fs, remote = fsspec.core.url_to_fs(self._upload_to)
+      fs.makedirs(posixpath.dirname(remote), exist_ok=True)
+      fs.put_file(self.path, remote)
+      os.remove(self.path)
+
+
+def config_text(config) -> str:
+  """A run's config as TensorBoard text (markdown: indented JSON renders as a code block)."""
+  body = config.to_json_best_effort(indent=2, sort_keys=True)
+  return "\n".join("    " + line for line in body.splitlines())
 
 
 class _JsonlAppender:
@@ -102,6 +213,48 @@ class _JsonlAppender:
       self._file.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+  """Where a run's metrics go in Weights & Biases.
+
+  Attributes:
+    project: the W&B project.
+    entity: the team or user (None: the default entity of the login).
+    name: the run's display name.
+    config: the run's config, as a JSON-able dict.
+  """
+
+  project: str
+  entity: str | None
+  name: str
+  config: dict
+
+
+def _start_wandb(workdir: str, settings: WandbSettings):
+  """A W&B run for ``workdir``: the one whose id the work directory keeps, or a new one.
+
+  The id is kept in ``<workdir>/wandb_run_id`` so that a resumed run logs into the same W&B run;
+  W&B's own files go to ``<workdir>/wandb`` (a temporary directory for remote work directories).
+  """
+  try:
+    import wandb
+  except ImportError:
+    raise ImportError("config field metrics.wandb_project is set but wandb is not installed: "
+                      "pip install wandb (or leave metrics.wandb_project empty).") from None
+  id_path = f"{workdir}/{WANDB_ID_FILE}"
+  fs, fpath = fsspec.core.url_to_fs(id_path)
+  if fs.exists(fpath):
+    run_id = fs.cat_file(fpath).decode().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits.
+    fs.makedirs(posixpath.dirname(fpath), exist_ok=True)
+    fs.pipe_file(fpath, run_id.encode())
+  local = _is_local(workdir)
+  wandb_dir = workdir.removeprefix("file://") if local else tempfile.mkdtemp(prefix="wandb_")
+  return wandb.init(project=settings.project, entity=settings.entity, name=settings.name,
+                    id=run_id, resume="allow", dir=wandb_dir, config=settings.config)
+
+
 class MetricsWriter:
   """Writes scalars of each step to `<workdir>/metrics.jsonl` and TensorBoard.
 
@@ -115,13 +268,36 @@ class MetricsWriter:
       events from this step on (the JSONL keeps both; see `latest_per_step`).
   """
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None, purge_step: int | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None, purge_step: int | None = None,
+               wandb: WandbSettings | None = None):
     self.workdir = str(workdir).rstrip("/")
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._wandb = self._run_log = None
     if self.enabled:
       self._jsonl = _JsonlAppender(f"{self.workdir}/{METRICS_FILE}")
       self._tb = SummaryWriter(logdir=_tensorboard_dir(self.workdir), purge_step=purge_step)
+      if wandb is not None:
+        self._wandb = _start_wandb(self.workdir, wandb)
+
+  @classmethod
+  def from_config(cls, config, **kwargs) -> MetricsWriter:
+    """The writer of a run, with its ``RunLog`` (closed with the writer).
+
+    Writes to the work directory, and to W&B when ``metrics.wandb_project`` is set; the config
+    goes to TensorBoard (text ``config``) and to W&B.
+    """
+    run_log = RunLog(config.workdir)
+    m = config.metrics
+    wandb = None
+    if m.wandb_project:
+      wandb = WandbSettings(project=m.wandb_project, entity=m.wandb_entity or None,
+                            name=m.wandb_run_name or posixpath.basename(
+                                str(config.workdir).rstrip("/")),
+                            config=json.loads(config.to_json_best_effort()))
+    writer = cls(config.workdir, wandb=wandb, **kwargs)
+    writer._run_log = run_log
+    writer.write_text("config", config_text(config))
+    return writer
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Logs `scalars` (Python, NumPy or JAX scalars) at `step`; non-finite values become null/skipped."""
@@ -133,6 +309,8 @@ class MetricsWriter:
       if value is not None:
         self._tb.add_scalar(name, value, int(step))
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in values.items() if v is not None}, step=int(step))
 
   def write_text(self, name: str, text: str, step: int = 0) -> None:
     """Logs a text (a config dump, an evaluation table) to TensorBoard."""
@@ -144,6 +322,12 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+        self._wandb = None
+    if self._run_log is not None:
+      self._run_log.close()
+      self._run_log = None
 
   def __enter__(self) -> MetricsWriter:
     return self
@@ -216,6 +400,10 @@ class ProgressBar:
                if name in scalars}
     self._bar.set_postfix(postfix, refresh=False)
     self._bar.update(step - self._bar.n)
+
+  def write(self, text: str) -> None:
+    """Prints ``text`` to stdout above the bar (which is redrawn below it)."""
+    self._bar.write(text, file=sys.stdout)
 
   def close(self) -> None:
     self._bar.close()

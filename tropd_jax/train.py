@@ -90,6 +90,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   """Validates the config, loads models and data, restores the latest checkpoint, builds phases."""
   settings = config_lib.settings(config)
   config_lib.save_run_config(config)
+  writer = metrics_lib.MetricsWriter.from_config(config)
   mesh = mesh_lib.make_mesh(settings.mesh)
   _check_batch_axes(settings, mesh)
   t_tok = models.load_tokenizer(config.teacher.path)
@@ -129,7 +130,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       vocab_size=vocab_size,
       sampler_shardings=layout_lib.param_shardings(state.params, mesh, layout))
   return Run(config, settings, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache,
-             state, checkpointer, metrics_lib.MetricsWriter(config.workdir), key, phases, layout)
+             state, checkpointer, writer, key, phases, layout)
 
 
 def choose_decode_layout(settings: config_lib.Settings, mesh, state, teacher_params,
@@ -292,36 +293,27 @@ def dispatch_update(run: Run, rollout: Rollout) -> tuple[dict, dict, dict, threa
   watcher.start()
   scalars = {"train/padding_ratio": stats.padding_ratio, "train/packed_rows": stats.rows,
              "train/micro_batches": len(micro), "tokens": float(denominator),
+             "tokens_per_step": float(stats.tokens),
              "train/compilations": sum(phases.compilations().values())}
   return metrics, scalars, times, watcher
 
 
-def evaluate_student(run: Run, step: int) -> dict:
-  """``evaluate``'s avg@k / pass@k result for the current student on ``eval.path``."""
+def evaluate_student(run: Run, step: int) -> dict[str, dict]:
+  """``evaluate.evaluate_model`` of the current student on ``eval.paths``: ``{set: result}``."""
   cfg = run.config
-  problems = evaluate_lib.load_problems(cfg.eval.path, cfg.data.prompt_key, cfg.data.answer_key,
-                                        cfg.eval.limit or None)
-  generate_fn = evaluate_lib.sampler_generate_fn(
-      sampling_student(run), run.tokenizer, run.mesh, cfg.eval.max_new_tokens,
-      cfg.eval.temperature, micro_batch_size=min(cfg.rollout.slots, len(problems)),
-      vocab_size=run.vocab_size, layout=run.decode_layout)
-  result = evaluate_lib.evaluate(generate_fn, run.tokenizer, problems, k=cfg.eval.k,
-                                 out_jsonl=f"{cfg.workdir}/eval/step_{step}.samples.jsonl",
-                                 seed=cfg.seed)
-  log.info("step %d eval: avg@%d %.4f, pass@%d %.4f", step, cfg.eval.k, result["avg@k"],
-           cfg.eval.k, result["pass@k"])
-  return result
-
-
-def _eval_scalars(result: dict) -> dict[str, float]:
-  return {"eval/avg@k": result["avg@k"], "eval/pass@k": result["pass@k"],
-          "eval/response_tokens": result["mean_response_tokens"]}
+  results = evaluate_lib.evaluate_model(
+      sampling_student(run), run.tokenizer, cfg, mesh=run.mesh, vocab_size=run.vocab_size,
+      out_dir=f"{cfg.workdir}/eval/step_{step}", layout=run.decode_layout)
+  mean = evaluate_lib.mean_result(results)
+  log.info("step %d eval: avg@%d %.4f, pass@%d %.4f", step, cfg.eval.k, mean["avg@k"],
+           cfg.eval.k, mean["pass@k"])
+  return results
 
 
 def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) a distillation; returns the last step's metrics.
 
-  With ``eval.path`` set, the student is evaluated before the first step, every
+  With ``eval.paths`` set, the student is evaluated before the first step, every
   ``eval.every`` steps and after the last; the before/after table is printed.
 
   The host stays ahead of the chips: a step's scoring and update are dispatched without
@@ -341,9 +333,10 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   state = {"bad_steps": 0, "last": {}}
   evals = {}
   pending: _Pending | None = None
-  if start == 0 and cfg.eval.path:
+  lr_schedule = run.settings.optimizer.learning_rate()
+  if start == 0 and cfg.eval.paths:
     evals[0] = evaluate_student(run, 0)
-    run.writer.write(0, _eval_scalars(evals[0]))
+    run.writer.write(0, evaluate_lib.eval_scalars(evals[0]))
 
   def finish(p: _Pending) -> None:
     """Reads a dispatched step's metrics, logs them, stops on repeated non-finite steps."""
@@ -368,8 +361,9 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
             f"{run.checkpointer.manager.latest_step()} are intact.")
     else:
       state["bad_steps"] = 0
+    scalars["samples_per_s"] = scalars["train/sequences"] / max(t["updated"] - t["started"], 1e-9)
     if p.step + 1 in evals:
-      scalars.update(_eval_scalars(evals[p.step + 1]))
+      scalars.update(evaluate_lib.eval_scalars(evals[p.step + 1]))
     run.writer.write(p.step + 1, scalars)
     bar.update(p.step + 1, scalars)
     state["last"] = scalars
@@ -386,16 +380,18 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
         finish(pending)
         updated_at = pending.times["updated"]
       metrics, scalars, times, watcher = dispatch_update(run, rollout)
-      times["dispatched"] = t1
+      times["dispatched"], times["started"] = t1, t0
       # Sampling time excludes waiting for the previous step's update to finish.
       sample_s = t1 - max(t0, updated_at)
       scalars.update(info)
       scalars.update(rollout_metrics(rollout))
       scalars.update({"time/sample_s": sample_s,
-                      "tokens_per_s/sample": float(rollout.lengths.sum()) / max(sample_s, 1e-9)})
+                      "tokens_per_s/sample": float(rollout.lengths.sum()) / max(sample_s, 1e-9),
+                      "lr": float(lr_schedule(step * cfg.train.ppo_epochs)),
+                      "train/sequences": len(rollout)})
       pending = _Pending(step, metrics, scalars, times, watcher)
-      if cfg.eval.path and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
-                            or step + 1 == cfg.steps):
+      if cfg.eval.paths and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
+                             or step + 1 == cfg.steps):
         evals[step + 1] = evaluate_student(run, step + 1)
       meta = {"data": run.stream.state(), "step": step + 1, "seed": cfg.seed}
       # Read the flag once: a signal that lands during the save is handled after the
@@ -410,7 +406,7 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
       finish(pending)
     nnx.update(run.student, run.state.params)
     if len(evals) > 1:
-      print(evaluate_lib.format_summary_table({f"step {s}": e for s, e in evals.items()}))
+      bar.write(evaluate_lib.format_summary_table(evaluate_lib.table_by_step(evals)))
     if jax.process_index() == 0:
       plot = f"{cfg.workdir}/{PLOT_FILE}"
       metrics_lib.plot_metrics(cfg.workdir, PLOT_KEYS, plot)

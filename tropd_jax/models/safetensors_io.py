@@ -1,9 +1,10 @@
 """Streaming safetensors reader and writer on any fsspec file system.
 
 The reader memory-maps local files and reads byte ranges from remote ones
-(gs://), so one tensor at a time is ever on the host. The writer streams
-tensors to a temporary file and renames it into place, so an interrupted
-save never leaves a truncated checkpoint under the final name.
+(gs://), so one tensor at a time is ever on the host. The writer is the
+``safetensors`` library's, writing to a temporary file that is renamed (or
+uploaded) once complete, so an interrupted save never leaves a truncated
+checkpoint under the final name.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
 
 import fsspec
 import ml_dtypes
@@ -22,7 +24,6 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 def is_local(path: str) -> bool:
@@ -63,26 +64,46 @@ class SafetensorsFile:
     return raw.view(dtype).reshape(info["shape"])
 
 
-def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata=None):
-  """Writes ``(name, array)`` pairs as one safetensors file, atomically where local."""
-  tensors = list(tensors)
-  header, offset = {}, 0
-  for name, arr in tensors:
-    nbytes = arr.size * arr.dtype.itemsize
-    header[name] = {
-        "dtype": _NAMES[np.dtype(arr.dtype)],
-        "shape": list(arr.shape),
-        "data_offsets": [offset, offset + nbytes],
-    }
-    offset += nbytes
-  header["__metadata__"] = metadata or {"format": "pt"}
-  header_bytes = json.dumps(header, separators=(",", ":")).encode()
-  header_bytes += b" " * (-len(header_bytes) % 8)
-  tmp = f"{path}.tmp" if is_local(path) else path
-  with fsspec.open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(header_bytes)))
-    f.write(header_bytes)
-    for _, arr in tensors:
-      f.write(np.ascontiguousarray(arr).tobytes())
-  if tmp != path:
-    os.replace(tmp, path)
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def write_safetensors(
+    path: str,
+    tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+  """Writes named arrays as one ``.safetensors`` file with the ``safetensors`` library.
+
+  The library writes straight from the arrays' buffers (no serialized copy in memory). A local
+  file is written under a temporary name and renamed into place, so an interrupted save never
+  leaves a truncated file under the final name; a remote one (gs://) is written locally first
+  and uploaded whole.
+
+  Args:
+    path: the file (local path or fsspec URL).
+    tensors: ``{name: array}`` or ``(name, array)`` pairs; arrays of any dtype in ``_DTYPES``.
+    metadata: the header's ``__metadata__`` (default ``{"format": "pt"}``, which transformers
+      expects).
+  """
+  from safetensors.numpy import save_file
+
+  arrays = {name: np.ascontiguousarray(a) for name, a in dict(tensors).items()}
+  metadata = metadata or {"format": "pt"}
+  if is_local(path):
+    local = str(path).removeprefix("file://")
+    tmp = f"{local}.tmp"
+    save_file(arrays, tmp, metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # The library creates the file owner-only.
+    os.replace(tmp, local)
+    return
+  fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+  os.close(fd)
+  try:
+    save_file(arrays, tmp, metadata=metadata)
+    fs, remote = fsspec.core.url_to_fs(path)
+    fs.put_file(tmp, remote)
+  finally:
+    os.remove(tmp)

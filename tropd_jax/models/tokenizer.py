@@ -15,10 +15,11 @@ from tropd_jax.models.safetensors_io import is_local
 
 log = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "vocab.json", "merges.txt", "tokenizer.model",
 )
+"""The files a checkpoint's tokenizer may consist of (all that is fetched of a hub id)."""
 # Arguments of ``apply_chat_template`` that ``encode_prompt`` sets; not template options.
 _RESERVED_TEMPLATE_ARGS = frozenset({
     "conversation", "messages", "add_generation_prompt", "tokenize", "return_dict",
@@ -97,16 +98,17 @@ def load_tokenizer(path: str, *,
   """
   from tropd_jax.models.hf_io import resolve_checkpoint
 
-  src = resolve_checkpoint(path, marker=None)
+  src = resolve_checkpoint(path, marker=None, files=TOKENIZER_FILES)
   local = src
   if not is_local(src):
     local = tempfile.mkdtemp(prefix="tropd_tok_")
-    for fname in _TOKENIZER_FILES:
+    for fname in TOKENIZER_FILES:
       remote = f"{src}/{fname}"
       if fsspec.open(remote).fs.exists(remote):
         with fsspec.open(remote, "rb") as fi, open(os.path.join(local, fname), "wb") as fo:
           fo.write(fi.read())
-  if not any(os.path.exists(os.path.join(local, f)) for f in _TOKENIZER_FILES[:1] + _TOKENIZER_FILES[4:]):
+  if not any(os.path.exists(os.path.join(local, f))
+             for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
     raise FileNotFoundError(
         f"{path} has no tokenizer (tokenizer.json, vocab.json or tokenizer.model); "
         "copy the tokenizer files into the checkpoint directory."
