@@ -43,14 +43,18 @@ class TrainState:
   step: jax.Array
 
   def as_dict(self) -> dict[str, Any]:
-    """The checkpoint tree (``dataclasses.asdict`` would strip the ``nnx.Param`` wrappers)."""
-    return {"params": self.params, "opt_state": self.opt_state, "step": self.step}
+    """The checkpoint tree: plain arrays (``nnx.Param`` wrappers taken off, as the export and
+    evaluation commands read the ``params`` subtree); no array is copied."""
+    unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
+    strip = lambda tree: jax.tree.map(unwrap, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return {"params": strip(self.params), "opt_state": strip(self.opt_state), "step": self.step}
 
   def replace_leaves(self, tree: dict[str, Any]) -> TrainState:
-    """This state's structure with ``tree``'s leaves (a restored checkpoint: orbax returns
-    plain arrays where the state holds ``nnx.Param``s; same leaves, same order)."""
+    """This state with ``tree``'s leaves (a restored checkpoint tree: same leaves, same order),
+    its ``nnx.Param`` wrappers kept."""
     leaves = jax.tree.leaves(tree)
-    structure = jax.tree.structure(self.as_dict())
+    structure = jax.tree.structure(
+        {"params": self.params, "opt_state": self.opt_state, "step": self.step})
     if len(leaves) != structure.num_leaves:
       raise ValueError(f"a checkpoint of {len(leaves)} arrays does not fit a train state of "
                        f"{structure.num_leaves}.")
