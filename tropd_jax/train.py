@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
 import time
 from collections.abc import Sequence
 
@@ -20,12 +19,14 @@ import numpy as np
 from flax import nnx
 
 from tropd_jax import checkpoint as ckpt_lib
+from tropd_jax import cli
 from tropd_jax import config as config_lib
 from tropd_jax import data as data_lib
 from tropd_jax import evaluate as evaluate_lib
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import metrics as metrics_lib
 from tropd_jax import models
+from tropd_jax import run_guard, stopping
 from tropd_jax import train_step as ts
 from tropd_jax.sampler import Rollout, Sampler, SamplerConfig, concat_rollouts
 
@@ -60,8 +61,11 @@ class Run:
 
 
 def guidance_fraction(step: int, total_steps: int) -> float:
-  """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (METHOD.md §4)."""
-  return (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+  """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (METHOD.md §4).
+
+  ``total_steps`` is the run's ``schedule_steps``; a run extended past it goes on with α = 0.
+  """
+  return (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)) / 2.0
 
 
 def guidance_prefix(response: Sequence[int], alpha: float,
@@ -98,10 +102,11 @@ def global_batch(stream: data_lib.PromptStream) -> list[data_lib.Prompt]:
   return [stream.prompts[int(i)] for i in np.asarray(positions).reshape(-1)]
 
 
+@cli.reads_user_input
 def setup(config: ml_collections.ConfigDict) -> Run:
-  """Validates the config, loads models and data, restores the latest checkpoint."""
-  config_lib.validate(config)
-  config_lib.save_run_config(config)
+  """Validates the config (against the run in its work directory), loads models and data,
+  restores the newest good checkpoint, then records the config (``run_guard``)."""
+  config = run_guard.prepare(config)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**config.mesh))
   t_tok = models.load_tokenizer(config.teacher.path)
   s_tok = models.load_tokenizer(config.student.path)
@@ -112,6 +117,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       config.data.train_path, s_tok, prompt_key=config.data.prompt_key,
       answer_key=config.data.answer_key, teacher_response_key=config.data.teacher_response_key,
       system_prompt=config.data.system_prompt, max_prompt_tokens=config.data.max_prompt_tokens)
+  run_guard.check_prompt_supply(config, len(prompts))
   stream = data_lib.PromptStream(
       prompts, prompts_per_step=config.rollout.prompts_per_step, seed=config.seed,
       shuffle=config.data.shuffle, num_epochs=config.data.num_epochs)
@@ -135,22 +141,26 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       f"{config.workdir}/checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   key = jax.random.key_data(jax.random.key(config.seed))
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(dataclasses.asdict(state)))
+  restored = checkpointer.restore_newest_good(
+      ckpt_lib.abstract_like(dataclasses.asdict(state)), set_aside=True)
   if restored is not None:
     step, tree, meta = restored
     state = ts.TrainState(**tree)
     stream.restore(meta["data"])
     log.info("resumed from step %d in %s", step, config.workdir)
   nnx.update(student, state.params)
+  run_guard.record_run_config(config)
+  writer = metrics_lib.MetricsWriter(config.workdir, purge_step=restored[0] + 1 if restored else 0)
   return Run(config, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache, state,
-             checkpointer, metrics_lib.MetricsWriter(config.workdir), key)
+             checkpointer, writer, key)
 
 
 def optimizer_from_config(config):
   """The run's optax transformation (AdamW, clipping, schedule) from ``config.train``."""
   t = config.train
   return ts.make_optimizer(lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
-                           steps=config.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
+                           steps=config_lib.schedule_steps(config), weight_decay=t.weight_decay,
+                           b1=t.b1, b2=t.b2,
                            grad_clip=t.grad_clip)
 
 
@@ -209,7 +219,7 @@ def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout
   rollouts = [sampler.rollout(ids, n=n, seed=step)]
   info = {"sampler/kv_cache_gib": sampler.stats.kv_cache_bytes / 2**30}
   if obj.guidance and cfg.guidance.per_prompt:
-    alpha = guidance_fraction(step, cfg.steps)
+    alpha = guidance_fraction(step, config_lib.schedule_steps(cfg))
     prefixes = [guidance_prefix(r, alpha, run.tokenizer.stop_ids)
                 for r in teacher_responses(run, prompts)]
     rollouts.append(sampler.rollout(ids, prefixes, n=cfg.guidance.per_prompt, seed=step,
@@ -284,7 +294,8 @@ class _Phases:
 def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) a distillation; returns the last step's metrics.
 
-  With ``eval.path`` set, the student is evaluated before the first step, every
+  SIGINT and SIGTERM finish the current step, save it and raise ``stopping.RunInterrupted``
+  (every process at the same step). With ``eval.path`` set, the student is evaluated before the first step, every
   ``eval.every`` steps and after the last; the before/after table is printed.
 
   Args:
@@ -295,8 +306,8 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   run = setup(config)
   cfg = run.config
   phases = _Phases(run)
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  stop = stopping.StopSignals().install()
+  interrupted = None
   start = int(run.state.step)
   bar = metrics_lib.ProgressBar(cfg.steps, initial_step=start)
   bad_steps, last = 0, {}
@@ -354,14 +365,16 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
       bar.update(step + 1, scalars)
       last = scalars
       meta = {"data": run.stream.state(), "step": step + 1, "seed": cfg.seed}
-      # Read the flag once: a signal that lands during the save is handled after the
-      # next step, never reported as saved when this save was not forced.
-      received = stop["signal"]
+      # Read the (all-process) flag once: a signal that lands during the save is handled
+      # after the next step, never reported as saved when this save was not forced.
+      received = stop.agreed()
       run.checkpointer.save(step + 1, dataclasses.asdict(run.state), meta,
                             force=step + 1 == end or received is not None)
       if received is not None:
-        log.warning("received signal %s: saved step %d, exiting.", received, step + 1)
+        interrupted = stopping.RunInterrupted(received, step + 1, cfg.workdir)
         break
+    if interrupted is not None:
+      raise interrupted  # After the finally below has finished the save.
     if len(evals) > 1:
       print(evaluate_lib.format_summary_table({f"step {s}": e for s, e in evals.items()}))
     if jax.process_index() == 0:
@@ -372,5 +385,5 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
     bar.close()
     run.checkpointer.close()
     run.writer.close()
-    signal.signal(signal.SIGTERM, previous)
+    stop.restore()
   return last
