@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tropd_jax import cli
 from tropd_jax import config as config_lib
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import models
@@ -73,6 +74,7 @@ KNOWN_CHECKPOINTS = {
 KINDS = ("params", "optimizer", "kv_cache", "temp", "other")
 
 
+@cli.reads_user_input
 def tpu_devices(topology: str, chip_config: str | None = "auto") -> list:
   """Compile-only TPU devices of ``topology`` (e.g. ``v5p:2x2x1``, ``v4:2x2x1``, ``v5e:4x4``).
 
@@ -95,6 +97,7 @@ def tpu_devices(topology: str, chip_config: str | None = "auto") -> list:
   return list(desc.devices)
 
 
+@cli.reads_user_input
 def hbm_bytes(device) -> int:
   kind = device.device_kind
   if kind not in HBM_BYTES:
@@ -102,6 +105,7 @@ def hbm_bytes(device) -> int:
   return HBM_BYTES[kind]
 
 
+@cli.reads_user_input
 def model_config(path: str, dtype: str, preset: str | None = None) -> models.ModelConfig:
   """The architecture at ``path``: a preset, a known hub id, or a local ``config.json``."""
   if preset:
@@ -455,7 +459,7 @@ def format_report(report: Report) -> str:
 
 def main(argv) -> None:
   del argv
-  report = run(_CONFIG.value, _TOPOLOGY.value, headroom=_HEADROOM.value,
+  report = run(cli.config_flag_value(_CONFIG), _TOPOLOGY.value, headroom=_HEADROOM.value,
                chip_config=_CHIP_CONFIG.value or None, hbm_gib=_HBM_GIB.value,
                student_preset=_STUDENT_PRESET.value, teacher_preset=_TEACHER_PRESET.value,
                only=tuple(_ONLY.value or ()),
@@ -482,4 +486,4 @@ if __name__ == "__main__":
   _ONLY = flags.DEFINE_list("only", None, "Compile only these phase groups (sample, teacher, "
                             "guided, score, train); a partial check, for iterating on a config.")
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  cli.run(lambda: app.run(main, flags_parser=cli.parse_absl_flags))

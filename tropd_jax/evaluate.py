@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import fsspec
 
+from tropd_jax import cli
 from tropd_jax.math_grading import answers_match, extract_boxed
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
@@ -52,6 +53,7 @@ class GradedSample:
   num_tokens: int
 
 
+@cli.reads_user_input
 def load_problems(
     path: str, problem_key: str = "problem", answer_key: str = "answer", limit: int | None = None
 ) -> list[dict]:
@@ -257,4 +259,4 @@ def sampler_generate_fn(model, tokenizer, mesh, max_new_tokens: int, temperature
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -1,53 +1,63 @@
 """Writes a run's student as an HF checkpoint.
 
   python -m tropd_jax.export --workdir=runs/aime_tropd [--step=200] --out=students/step200
+
+Without ``--step`` it takes the newest checkpoint that restores (a damaged newer one is skipped
+with a warning naming it) and says which step it wrote.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import logging
 
-import jax
 from flax import nnx
 
 from tropd_jax import checkpoint as ckpt_lib
+from tropd_jax import cli
 from tropd_jax import config as config_lib
 from tropd_jax import models
-from tropd_jax import train
-from tropd_jax import train_step as ts
+
+log = logging.getLogger(__name__)
 
 
+@cli.reads_user_input
 def export(workdir: str, out: str, step: int | None = None) -> int:
-  """Restores the student at ``step`` (default: latest) and saves it to ``out``; returns the step."""
+  """Restores the student at ``step`` (default: the newest good one), saves it to ``out``.
+
+  Returns:
+    The step written.
+  """
   config = config_lib.load_run_config(workdir)
   student = models.from_pretrained(config.student.path, dtype=config.student.dtype)
   params = nnx.state(student, nnx.Param)
-  tx = train.optimizer_from_config(config)
-  like = ts.TrainState(params, tx.init(params), jax.numpy.zeros((), jax.numpy.int32))
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", every=1, keep=1 << 30,
                                        async_save=False)
-  steps = checkpointer.manager.all_steps()
-  if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(
-        f"no checkpoint at step {step} in {workdir}/checkpoints (steps there: {sorted(steps)}).")
-  abstract_tree = ckpt_lib.abstract_like(dataclasses.asdict(like))
-  restored, _ = checkpointer.restore(step if step is not None else max(steps), abstract_tree)
-  nnx.update(student, restored["params"])
+  # Only the parameters are read (partial restore): no optimizer state is built or loaded.
+  abstract = {"params": ckpt_lib.abstract_like(nnx.to_pure_dict(params))}
+  try:
+    restored = checkpointer.restore_newest_good(abstract, step=step)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: has the run saved a step?")
+  step, tree, _ = restored
+  nnx.replace_by_pure_dict(params, tree["params"])
+  nnx.update(student, params)
   models.save_pretrained(student, out, tokenizer_dir=config.student.path)
-  checkpointer.close()
-  return int(restored["step"])
+  return step
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m tropd_jax.export", description=__doc__)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  parser.add_argument("--step", type=int, default=None, help="default: the newest good checkpoint")
   parser.add_argument("--out", required=True, help="HF checkpoint directory (local or gs://)")
   args = parser.parse_args(argv)
+  logging.getLogger().setLevel(logging.WARNING)
   step = export(args.workdir, args.out, args.step)
   print(f"wrote the student at step {step} to {args.out}")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -216,7 +216,8 @@ def steps_of_prompts(num_prompts: int, prompts_per_step: int, num_epochs: int,
 
 
 def check_prompt_supply(config: ml_collections.ConfigDict, num_prompts: int) -> None:
-  """Raises ``ConfigError`` when ``data.num_epochs`` passes over the prompts end before ``steps``."""
+  """Raises ``ConfigError`` when ``data.num_epochs`` passes over the prompts end before ``steps``.
+  """
   available = steps_of_prompts(num_prompts, config.rollout.prompts_per_step,
                                config.data.num_epochs, jax.process_count())
   if available is not None and available < config.steps:

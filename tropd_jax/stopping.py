@@ -2,10 +2,11 @@
 
 The first SIGINT (Ctrl-C) or SIGTERM (preemption, ``kill``) asks the run to stop: the current
 step finishes, the last completed step is saved and the run ends with ``RunInterrupted``
-(exit status 130 for SIGINT, 143 for SIGTERM). After that first signal both signals take their
-default action again, so a second Ctrl-C ends the process at once, even inside a long XLA call
-(orbax writes each checkpoint to a temporary directory, so that never leaves a half-written
-checkpoint behind).
+(exit status 130 for SIGINT, 143 for SIGTERM). A second signal ends the process at once with the
+same status, even inside a long XLA compilation or computation: a thread watches the signals as
+they arrive (``signal.set_wakeup_fd``) instead of waiting for the main thread to run a Python
+handler. Orbax writes each checkpoint to a temporary directory, so that never leaves a
+half-written checkpoint behind.
 
 Hosts of a multi-host run may receive the signal on opposite sides of a step boundary, or only
 some of them at all; ``StopSignals.agreed`` shares the request over every process once per step,
@@ -16,7 +17,9 @@ for the others.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 
 import numpy as np
@@ -43,25 +46,42 @@ class StopSignals:
   """Catches SIGINT and SIGTERM between ``install`` and ``restore`` (or in a ``with`` block).
 
   Use ``agreed()`` once per step, on every process at the same point of the step: it returns
-  the signal number when any process has been asked to stop, else None.
+  the signal number when any process has been asked to stop, else None. Outside the main
+  thread Python cannot catch signals, and ``install`` leaves them alone.
   """
 
   def __init__(self):
     self.signum: int | None = None
-    self._previous = {}
+    self._previous: dict = {}
+    self._wakeup = None
 
   def install(self) -> StopSignals:
-    """Starts catching the signals (from the main thread; elsewhere Python cannot)."""
-    if threading.current_thread() is threading.main_thread():
-      for sig in SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
+    """Starts catching the signals."""
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    for sig in SIGNALS:
+      self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=self._watch, args=(read_fd,), name="tropd-stop-signals",
+                               daemon=True)
+    watcher.start()
+    self._wakeup = (read_fd, write_fd, previous_fd, watcher)
     return self
 
   def restore(self) -> None:
     """Gives the signals back their handlers from before ``install``."""
+    if self._wakeup is None:
+      return
+    read_fd, write_fd, previous_fd, watcher = self._wakeup
+    signal.set_wakeup_fd(previous_fd)
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-    self._previous = {}
+    os.close(write_fd)  # The watcher reads the end of the pipe and returns.
+    watcher.join(timeout=5)
+    os.close(read_fd)
+    self._previous, self._wakeup = {}, None
 
   def __enter__(self) -> StopSignals:
     return self.install()
@@ -69,14 +89,27 @@ class StopSignals:
   def __exit__(self, *exc) -> None:
     self.restore()
 
-  def _handle(self, signum, frame) -> None:
-    del frame
-    if self.signum is None:
-      self.signum = signum
-      log.warning("received %s: finishing the current step, then saving and stopping "
-                  "(a second signal stops at once).", signal.Signals(signum).name)
-    for sig in SIGNALS:  # A second signal takes the default action: the process ends now.
-      signal.signal(sig, signal.SIG_DFL)
+  def _watch(self, read_fd: int) -> None:
+    """Reads each caught signal's number as it arrives (written by Python's C-level handler)."""
+    while True:
+      try:
+        data = os.read(read_fd, 64)
+      except OSError:
+        return
+      if not data:
+        return
+      for signum in data:
+        if signum not in SIGNALS:
+          continue
+        name = signal.Signals(signum).name
+        if self.signum is None:
+          self.signum = signum
+          log.warning("received %s: finishing the current step, then saving and stopping "
+                      "(a second signal stops at once).", name)
+        else:
+          print(f"stopped: a second {name}: exiting at once, without saving the current step.",
+                file=sys.stderr, flush=True)
+          os._exit(128 + signum)
 
   def agreed(self) -> int | None:
     """The stop request shared by every process: a signal number, or None to go on."""

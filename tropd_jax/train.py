@@ -160,8 +160,7 @@ def optimizer_from_config(config):
   t = config.train
   return ts.make_optimizer(lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
                            steps=config_lib.schedule_steps(config), weight_decay=t.weight_decay,
-                           b1=t.b1, b2=t.b2,
-                           grad_clip=t.grad_clip)
+                           b1=t.b1, b2=t.b2, grad_clip=t.grad_clip)
 
 
 def sampler_config(config, *, stop_ids, pad_id: int, vocab_size: int, max_new_tokens=None,
@@ -294,9 +293,10 @@ class _Phases:
 def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) a distillation; returns the last step's metrics.
 
-  SIGINT and SIGTERM finish the current step, save it and raise ``stopping.RunInterrupted``
-  (every process at the same step). With ``eval.path`` set, the student is evaluated before the first step, every
-  ``eval.every`` steps and after the last; the before/after table is printed.
+  With ``eval.path`` set, the student is evaluated before the first step, every
+  ``eval.every`` steps and after the last; the before/after table is printed. SIGINT and
+  SIGTERM finish the current step, save it and raise ``stopping.RunInterrupted`` (every
+  process at the same step).
 
   Args:
     config: the run's config (validated here).
@@ -306,8 +306,6 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   run = setup(config)
   cfg = run.config
   phases = _Phases(run)
-  stop = stopping.StopSignals().install()
-  interrupted = None
   start = int(run.state.step)
   bar = metrics_lib.ProgressBar(cfg.steps, initial_step=start)
   bad_steps, last = 0, {}
@@ -315,6 +313,7 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   if start == 0 and cfg.eval.path:
     evals[0] = evaluate_student(run, 0)
     run.writer.write(0, _eval_scalars(evals[0]))
+  stop, interrupted = stopping.StopSignals().install(), None
   try:
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
     for step in range(start, end):

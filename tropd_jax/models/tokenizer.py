@@ -9,6 +9,7 @@ import tempfile
 import fsspec
 import transformers
 
+from tropd_jax import cli
 from tropd_jax.models.safetensors_io import is_local
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Tokenizer:
     return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+@cli.reads_user_input
 def load_tokenizer(path: str) -> Tokenizer:
   """Loads the tokenizer in a checkpoint directory (local, gs:// or hub id)."""
   from tropd_jax.models.hf_io import resolve_checkpoint
@@ -84,6 +86,7 @@ def load_tokenizer(path: str) -> Tokenizer:
   return Tokenizer(transformers.AutoTokenizer.from_pretrained(local), str(path))
 
 
+@cli.reads_user_input
 def check_same_tokenizer(
     teacher: Tokenizer, student: Tokenizer, teacher_rows: int, student_rows: int
 ) -> int:
