@@ -181,7 +181,8 @@ def test_sigint_exits_130_and_a_second_one_at_once(checkpoints, tmp_path):
   proc.send_signal(signal.SIGINT)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 130, out[-3000:]
-  saved = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).steps()[-1]
+  kept = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).steps()
+  saved = kept[-1]
   assert saved == logged_steps(work)[-1] >= 2
   assert f"stopped: SIGINT received: saved step {saved}" in out
 
@@ -200,7 +201,7 @@ def test_sigint_exits_130_and_a_second_one_at_once(checkpoints, tmp_path):
   out = "".join(lines) + proc.communicate(timeout=60)[0]
   assert proc.returncode == 130, out[-3000:]
   assert "a second SIGINT: exiting at once" in out and "saved step" not in out, out[-3000:]
-  assert ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).steps() == [saved]
+  assert ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).steps() == kept
 
 
 # --- 4. A failed relaunch -------------------------------------------------------------------------
@@ -381,6 +382,9 @@ def test_config_mistakes_are_one_line(checkpoints, tmp_path):
   result = _command("-m", "tropd_jax.evaluate", f"--checkpoint={checkpoints / 'student'}",
                     f"--data={tmp_path / 'none.jsonl'}", f"--out={tmp_path / 'eval'}")
   assert_one_line_error(result, "none.jsonl does not exist")
+  result = _command("-m", "tropd_jax.aot", f"--config={here}/no_such_config.py",
+                    "--topology=v5p:2x2x1")
+  assert_one_line_error(result, "no_such_config.py", "does not exist")
   assert not os.path.exists(tmp_path / "run" / "run_config.json")
 
 

@@ -94,7 +94,7 @@ def _all_processes(ok: bool) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {one_line(str(e))[:300]}"
+  return f"{type(e).__name__}: {one_line(str(e))[:200]}"
 
 
 class Checkpointer:

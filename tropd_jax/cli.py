@@ -18,8 +18,8 @@ A user error is
     what the user supplied, while the same types raised by the loop are bugs and keep their
     traceback;
   - an ``OSError`` about the user's files or machine: a missing file, no permission, a
-    read-only file system, a full disk or quota (``USER_ERRNOS``), also when a library wrapped
-    it in another exception.
+    read-only file system, a full disk or quota (``USER_ERRNOS``), also when a library raised
+    another exception from it or reported a full disk or read-only file system in its text.
 
 This module imports nothing heavy, so importing it never slows a command or fails.
 """
@@ -82,7 +82,11 @@ def reads_user_input(fn: Callable) -> Callable:
 
 
 def _os_error(e: BaseException) -> OSError | None:
-  """The ``OSError`` about the user's files in ``e`` or its causes, if any."""
+  """The ``OSError`` about the user's files that is ``e`` or its explicit cause, if any.
+
+  Only ``raise ... from`` chains count: an error raised while another was being handled is
+  not caused by it.
+  """
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -91,7 +95,7 @@ def _os_error(e: BaseException) -> OSError | None:
         or (e.errno is None and isinstance(e, (FileNotFoundError, PermissionError,
                                                NotADirectoryError, IsADirectoryError)))):
       return e
-    e = e.__cause__ or e.__context__
+    e = e.__cause__
   return None
 
 

@@ -188,8 +188,11 @@ def record_run_config(config: ml_collections.ConfigDict) -> None:
     except json.JSONDecodeError:
       pass
   tmp = f"{fs_path}.tmp"
-  with fs.open(tmp, "w") as f:
-    f.write(text)
+  try:
+    with fs.open(tmp, "w") as f:
+      f.write(text)
+  except OSError as e:  # A write error (a full disk) names no file; the user needs it.
+    raise OSError(e.errno, e.strerror or str(e), path) from e
   if fs.exists(fs_path):
     stem = fs_path.removesuffix(".json")
     archive, n = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}.json", 1
