@@ -109,6 +109,7 @@ def _wrapped_errno(e: BaseException) -> int | None:
 
 
 def is_user_error(e: BaseException) -> bool:
+  """Whether ``e`` is a mistake the user can fix (see the module doc), not a bug."""
   if isinstance(e, UserError) or getattr(e, _MARK, False):
     return True
   return _os_error(e) is not None or _wrapped_errno(e) is not None

@@ -23,7 +23,6 @@ class ConfigError(UserError, ValueError):
   """A config field with a bad name or value; the message names it and what to do."""
 
 
-
 def defaults() -> ml_collections.ConfigDict:
   """Every field a run reads, with a comment on each (see configs/aime.py)."""
   c = ml_collections.ConfigDict()
