@@ -50,7 +50,19 @@ def test_write_and_read_back(tmp_path):
   assert "grad_norm" not in scalars
 
 
-def test_resumed_run_appends_and_survives_a_cut_line(tmp_path, caplog):
+def test_a_cut_line_is_skipped_with_a_warning(tmp_path, caplog):
+  with metrics.MetricsWriter(str(tmp_path), enabled=True) as writer:
+    writer.write(1, {"loss": 1.0})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 2, "lo')  # A run killed mid-write.
+  with metrics.MetricsWriter(str(tmp_path), enabled=True) as writer:
+    writer.write(2, {"loss": 0.9})
+  records = metrics.read_metrics(str(tmp_path))
+  assert "metrics.jsonl:2 is not valid JSON" in caplog.text
+  assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.9)]
+
+
+def test_resumed_run_moves_the_steps_it_logs_again_aside(tmp_path):
   with metrics.MetricsWriter(str(tmp_path), enabled=True) as writer:
     writer.write(1, {"loss": 1.0})
     writer.write(2, {"loss": 0.9})
@@ -60,10 +72,10 @@ def test_resumed_run_appends_and_survives_a_cut_line(tmp_path, caplog):
     writer.write(2, {"loss": 0.8})
     writer.write(3, {"loss": 0.7})
   records = metrics.read_metrics(str(tmp_path))
-  assert "metrics.jsonl:3 is not valid JSON" in caplog.text
-  assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.9), (2, 0.8), (3, 0.7)]
-  latest = metrics.latest_per_step(records)
-  assert [(r["step"], r["loss"]) for r in latest] == [(1, 1.0), (2, 0.8), (3, 0.7)]
+  assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.8), (3, 0.7)]
+  dropped = (tmp_path / metrics.DROPPED_FILE).read_text().splitlines()
+  assert json.loads(dropped[0])["loss"] == 0.9 and dropped[1] == '{"step": 3, "lo'
+  assert metrics.latest_per_step(records) == records
 
 
 def test_remote_workdir_through_fsspec(tmp_path, monkeypatch):

@@ -104,7 +104,8 @@ def test_corrupted_latest_checkpoint_falls_back(checkpoints, tmp_path, caplog):
   with caplog.at_level("WARNING"):
     run = train.setup(config)
   assert int(run.state.step) == 1
-  assert "step 2" in caplog.text and "falling back to step 1" in caplog.text
+  assert "checkpoints/2 is damaged" in caplog.text and "trying step 1" in caplog.text
+  assert (tmp_path / "run" / "checkpoints" / "2.damaged" / "state").is_dir()  # Moved, not lost.
 
 
 def test_bad_inputs(checkpoints, tmp_path):
@@ -244,7 +245,8 @@ def test_signal_during_an_unforced_save_saves_the_next_step(checkpoints, tmp_pat
 
   monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_then_signal)
   work = tmp_path / "run"
-  train.run_training(tiny_config(checkpoints, work, steps=10, checkpoint__every=1000))
+  with pytest.raises(train.stopping.RunInterrupted, match="SIGTERM received: saved step 3"):
+    train.run_training(tiny_config(checkpoints, work, steps=10, checkpoint__every=1000))
   last_logged = metrics_lib.read_metrics(str(work))[-1]["step"]
   saved = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).manager.latest_step()
   assert saved == last_logged == 3
@@ -264,8 +266,8 @@ def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
   _wait_for_step(work, 2, proc)
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 0, out[-3000:]
-  assert "received signal" in out
+  assert proc.returncode == 143, out[-3000:]
+  assert "stopped: SIGTERM received: saved step" in out
   saved = ckpt_lib.Checkpointer(str(work / "checkpoints"), every=1, keep=9).manager.latest_step()
   assert saved == metrics_lib.read_metrics(str(work))[-1]["step"] >= 2
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tropd_jax import cli
 from tropd_jax import config as config_lib
 from tropd_jax import hlo_cost
 from tropd_jax import mesh as mesh_lib
@@ -50,6 +51,7 @@ KINDS = ("params", "optimizer", "kv_cache", "temp", "other")
 PACKING_FILL = 0.97  # Real tokens per position of packed rows (first fit, longest first).
 
 
+@cli.reads_user_input
 def tpu_devices(topology: str, chip_config: str | None = "auto") -> list:
   """Compile-only TPU devices of ``topology`` (e.g. ``v5p:2x2x1``, ``v4:2x2x1``, ``v5e:4x4``).
 
@@ -72,6 +74,7 @@ def tpu_devices(topology: str, chip_config: str | None = "auto") -> list:
   return list(desc.devices)
 
 
+@cli.reads_user_input
 def model_config(path: str, dtype: str) -> models.ModelConfig:
   """The architecture at ``path``: a hub id with a preset (``models.HUB_PRESETS``), else its
   config.json (local, gs:// or fetched from the hub)."""
@@ -566,7 +569,7 @@ def format_report(report: Report) -> str:
 
 def main(argv) -> None:
   del argv
-  report = run(_CONFIG.value, _TOPOLOGY.value, headroom=_HEADROOM.value,
+  report = run(cli.config_flag_value(_CONFIG), _TOPOLOGY.value, headroom=_HEADROOM.value,
                chip_config=_CHIP_CONFIG.value or None, hbm_gib=_HBM_GIB.value,
                prompt_tokens=_PROMPT_TOKENS.value, response_tokens=_RESPONSE_TOKENS.value,
                only=tuple(_ONLY.value or ()),
@@ -600,4 +603,4 @@ if __name__ == "__main__":
   _ONLY = flags.DEFINE_list("only", None, "Compile only these phase groups (sample, guided, "
                             "teacher, score, train); a partial check, for iterating on a config.")
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  cli.run(lambda: app.run(main, flags_parser=cli.parse_absl_flags))

@@ -15,13 +15,17 @@ import posixpath
 from typing import Any
 
 import fsspec
-import jax
 import ml_collections
 import optax
 
 from tropd_jax.mesh import MeshConfig
+from tropd_jax.cli import UserError
 from tropd_jax.objectives import OBJECTIVES, ObjectiveConfig
 from tropd_jax.sampling.config import SamplerConfig
+
+
+class ConfigError(UserError, ValueError):
+  """A config field with a bad name or value; the message names it and what to do."""
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -29,7 +33,16 @@ def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = ""  # Checkpoints, metrics, caches; local path or gs:// URL. Required.
   c.seed = 0  # Seeds data order, sampling and the trust-region draws.
-  c.steps = 200  # Optimizer steps.
+  c.steps = 200  # Optimizer steps; may grow when a finished run is resumed.
+  # Steps over which the guidance cosine (α) and a cosine learning rate anneal. 0 = `steps` of
+  # the run's first launch (recorded in run_config.json): extending `steps` on resume goes on at
+  # the end of the schedules (α = 0, the final learning rate) instead of restarting them from a
+  # new total. Stretching them on resume is a change of the run (see `resume_changes`).
+  c.schedule_steps = 0
+  # Fields this launch may change from the run in its work directory (comma-separated dotted
+  # names, e.g. "train.lr,train.grad_clip"); each change is logged. Any other changed field that
+  # alters what is computed stops the launch (see tropd_jax/run_guard.py).
+  c.resume_changes = ""
 
   c.student = ml_collections.ConfigDict()
   c.student.path = ""  # HF checkpoint: local dir, gs:// URL or hub id. Required.
@@ -176,7 +189,7 @@ _NON_NEGATIVE = (
     "train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps", "rollout.top_k",
     "rollout.temperature", "guidance.per_prompt", "eval.every", "eval.limit", "data.num_epochs",
     "guidance.teacher_temperature", "eval.temperature", "eval.top_k", "rollout.kv_pages",
-    "train.pack_length",
+    "train.pack_length", "schedule_steps",
 )
 _REQUIRED = ("workdir", "student.path", "teacher.path", "data.train_path")
 
@@ -196,14 +209,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 RUN_CONFIG = "run_config.json"
-
-
-def save_run_config(config: ml_collections.ConfigDict) -> None:
-  """Records the run's config in its work directory (read back by ``export``)."""
-  if jax.process_index() == 0:
-    fsspec.open(f"{config.workdir}/{RUN_CONFIG}").fs.makedirs(config.workdir, exist_ok=True)
-    with fsspec.open(f"{config.workdir}/{RUN_CONFIG}", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+"""The config of the run in a work directory (written by ``run_guard.record_run_config``)."""
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -247,43 +253,43 @@ def _flatten(config, prefix="") -> dict[str, Any]:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raises ValueError naming the first field whose name or value is wrong."""
+  """Raises ``ConfigError`` (a ValueError) naming the first field whose name or value is wrong."""
   known = _flatten(defaults())
   for name, value in _flatten(config).items():
     if name not in known:
-      raise ValueError(
+      raise ConfigError(
           f"config field {name!r} does not exist; see tropd_jax/config.py for the fields."
       )
   for name in _REQUIRED:
     if not _get(config, name):
-      raise ValueError(f"config field {name!r} is empty; set it (e.g. --config.{name}=...).")
+      raise ConfigError(f"config field {name!r} is empty; set it (e.g. --config.{name}=...).")
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
-      raise ValueError(f"config field {name}={_get(config, name)!r} is not one of {choices}.")
+      raise ConfigError(f"config field {name}={_get(config, name)!r} is not one of {choices}.")
   for name in _POSITIVE:
     if not _get(config, name) > 0:
-      raise ValueError(f"config field {name}={_get(config, name)!r} must be > 0.")
+      raise ConfigError(f"config field {name}={_get(config, name)!r} must be > 0.")
   for name in _NON_NEGATIVE:
     if not _get(config, name) >= 0:
-      raise ValueError(f"config field {name}={_get(config, name)!r} must be >= 0.")
+      raise ConfigError(f"config field {name}={_get(config, name)!r} must be >= 0.")
   for name in ("rollout.top_p", "eval.top_p"):
     if not 0 < _get(config, name) <= 1:
-      raise ValueError(f"config field {name}={_get(config, name)!r} must be in (0, 1].")
+      raise ConfigError(f"config field {name}={_get(config, name)!r} must be in (0, 1].")
   _validate_eval_paths(config.eval.paths)
   if config.objective.name not in OBJECTIVES:
-    raise ValueError(
+    raise ConfigError(
         f"config field objective.name={config.objective.name!r} is not one of {sorted(OBJECTIVES)}."
     )
   kwargs = config.data.chat_template_kwargs
   if not isinstance(kwargs, (dict, ml_collections.ConfigDict)):
-    raise ValueError(f"config field data.chat_template_kwargs={kwargs!r} must be a dict of "
+    raise ConfigError(f"config field data.chat_template_kwargs={kwargs!r} must be a dict of "
                      "chat template variables, e.g. {'enable_thinking': False}.")
   for name in ("data.prompt_key", "data.answer_key"):
     if not isinstance(_get(config, name), str) or not _get(config, name):
-      raise ValueError(f"config field {name}={_get(config, name)!r} must name a field.")
+      raise ConfigError(f"config field {name}={_get(config, name)!r} must name a field.")
   buckets = tuple(config.rollout.prompt_buckets)
   if not buckets or list(buckets) != sorted(buckets) or buckets[-1] < config.data.max_prompt_tokens:
-    raise ValueError(
+    raise ConfigError(
         f"config field rollout.prompt_buckets={buckets} must be increasing and end at or above "
         f"data.max_prompt_tokens={config.data.max_prompt_tokens}."
     )
@@ -291,21 +297,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   pack = config.train.pack_length
   longest = buckets[-1] + config.rollout.max_new_tokens
   if pack and pack < longest:
-    raise ValueError(
+    raise ConfigError(
         f"config field train.pack_length={pack} cannot hold the longest sequence of a step "
         f"({longest} = rollout.prompt_buckets[-1] + rollout.max_new_tokens); raise it or set 0.")
+  _check_sampling(config)
+  _check_schedule(config)
   return config
 
 
 def _validate_eval_paths(paths) -> None:
   if isinstance(paths, str) or not all(isinstance(p, str) and p for p in paths):
-    raise ValueError(
+    raise ConfigError(
         f"config field eval.paths={paths!r} must be a tuple of file paths, e.g. "
         "--config.eval.paths=\"('aime24.jsonl', 'aime25.jsonl')\".")
   names = [eval_set_name(p) for p in paths]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
-    raise ValueError(f"config field eval.paths={tuple(paths)!r} names the set {repeated[0]!r} "
+    raise ConfigError(f"config field eval.paths={tuple(paths)!r} names the set {repeated[0]!r} "
                      "twice (a set is named by its file name); rename one of the files.")
 
 
@@ -320,7 +328,48 @@ def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
   try:
     return ObjectiveConfig.preset(config.objective.name, **fields)
   except ValueError as e:
-    raise ValueError(f"config field {e}") from None
+    raise ConfigError(f"config field {e}") from None
+
+
+def samples_from_student(obj: ObjectiveConfig) -> bool:
+  """Whether the objective's estimate needs tokens drawn from the student's own distribution.
+
+  The policy-gradient term of OPD, the trust region's ratio ``πT/πθ`` and the sampled-token
+  terms of the other objectives weigh each sampled token by the student's probability of it:
+  tokens drawn at another temperature, or from a top-p/top-k truncated distribution, would make
+  them compare the teacher with a student that did not sample them. Only the top-k forward KL
+  as a loss (``topk_fkl``) reads the sampled tokens as contexts alone.
+  """
+  return obj.name != "topk_fkl" or obj.fkl_mode == "advantage"
+
+
+def _check_sampling(config: ml_collections.ConfigDict) -> None:
+  """Rollouts must come from the student itself for every objective that assumes it."""
+  r = config.rollout
+  changed = [f"rollout.{name}={value!r}" for name, value, plain in (
+      ("temperature", r.temperature, 1.0), ("top_p", r.top_p, 1.0), ("top_k", r.top_k, 0))
+      if value != plain]
+  if changed and samples_from_student(objective_config(config)):
+    raise ConfigError(
+        f"config field {', '.join(changed)} with objective.name={config.objective.name!r}: "
+        "this objective weighs each sampled token by the student's own probability of it "
+        "(policy gradient, trust-region ratio), so rollouts must be drawn from the student "
+        "unchanged; set rollout.temperature=1.0, rollout.top_p=1.0 and rollout.top_k=0.")
+
+
+def schedule_steps(config: ml_collections.ConfigDict) -> int:
+  """Steps over which the guidance cosine and a cosine learning rate anneal."""
+  return config.schedule_steps or config.steps
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  total = schedule_steps(config)
+  if config.train.schedule == "cosine" and config.steps > total:
+    raise ConfigError(
+        f"config field steps={config.steps} goes past schedule_steps={total} with "
+        "train.schedule='cosine': the learning rate is 0 after that step. Stretch the schedule "
+        f"(--config.schedule_steps={config.steps}; on a resumed run also "
+        "--config.resume_changes=schedule_steps) or keep steps.")
 
 
 # --- Typed settings: the one place a config becomes what the run uses ---------------------------
@@ -436,6 +485,7 @@ class Settings:
   rollout: RolloutSettings
   train: TrainSettings
   max_prompt_tokens: int
+  schedule_steps: int  # Horizon of the guidance cosine and a cosine learning rate.
 
 
 def settings(config: ml_collections.ConfigDict) -> Settings:
@@ -460,10 +510,10 @@ def settings(config: ml_collections.ConfigDict) -> Settings:
       teacher=ModelSettings(c.teacher.path, c.teacher.dtype, c.teacher.dtype),
       attention_impl=c.attention_impl, objective=objective,
       optimizer=OptimizerSettings(
-          lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps, steps=c.steps,
+          lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps, steps=schedule_steps(c),
           weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, grad_clip=t.grad_clip),
       rollout=rollout,
       train=TrainSettings(micro_batch=t.micro_batch, ppo_epochs=t.ppo_epochs,
                           score_chunk=t.score_chunk, max_bad_steps=t.max_bad_steps,
                           pack_length=pack),
-      max_prompt_tokens=c.data.max_prompt_tokens)
+      max_prompt_tokens=c.data.max_prompt_tokens, schedule_steps=schedule_steps(c))

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 import fsspec
 
 from tropd_jax.config import eval_set_name
+from tropd_jax import cli
 from tropd_jax.math_grading import answers_match, extract_boxed
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class GradedSample:
   num_tokens: int
 
 
+@cli.reads_user_input
 def load_problems(
     path: str, problem_key: str = "problem", answer_key: str = "answer", limit: int | None = None
 ) -> list[dict]:
@@ -385,7 +387,7 @@ def main(argv) -> None:
 
   metrics.configure_console_logging()
   try:
-    config = student_lib.run_config(_CONFIG.value, _WORKDIR.value)
+    config = student_lib.run_config(cli.config_flag_value(_CONFIG), _WORKDIR.value)
     source, results, out = run(config, step=_STEP.value, checkpoint=_CHECKPOINT.value,
                                out=_OUT.value)
   except (ValueError, FileNotFoundError, FileExistsError,
@@ -413,4 +415,4 @@ if __name__ == "__main__":
                                     "(directory, gs:// or hub id) instead of an orbax step.")
   _OUT = flags.DEFINE_string("out", None, "Output directory (default: "
                              "<workdir>/eval/evaluate_<model>_<time>); must be new.")
-  app.run(main)
+  cli.run(lambda: app.run(main, flags_parser=cli.parse_absl_flags))

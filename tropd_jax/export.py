@@ -32,6 +32,7 @@ import fsspec
 import jax
 import ml_collections
 
+from tropd_jax import cli
 from tropd_jax import student as student_lib
 from tropd_jax.models import hf_io
 
@@ -129,7 +130,7 @@ def main(argv) -> None:
 
   metrics.configure_console_logging()
   try:
-    config = student_lib.run_config(_CONFIG.value, _WORKDIR.value)
+    config = student_lib.run_config(cli.config_flag_value(_CONFIG), _WORKDIR.value)
     result = export(config, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
                     max_shard_bytes=parse_size(_MAX_SHARD_SIZE.value))
   except (ValueError, FileNotFoundError, FileExistsError,
@@ -157,4 +158,4 @@ if __name__ == "__main__":
       "max_shard_size", DEFAULT_MAX_SHARD_SIZE, "Most bytes per safetensors file (e.g. 1GB, "
       "500MB); bounds the host memory of the export.")
   flags.mark_flags_as_required(["out"])
-  app.run(main)
+  cli.run(lambda: app.run(main, flags_parser=cli.parse_absl_flags))

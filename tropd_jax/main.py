@@ -1,4 +1,8 @@
-"""Entry point: ``python -m tropd_jax.main --config=configs/aime.py [--config.a.b=value]``."""
+"""Entry point: ``python -m tropd_jax.main --config=configs/aime.py [--config.a.b=value]``.
+
+A mistake in the config or the inputs prints one line (``error: ...``, exit status 2); SIGINT
+or SIGTERM saves the last completed step and exits 130 or 143 (see ``tropd_jax.cli``).
+"""
 
 from __future__ import annotations
 
@@ -25,11 +29,11 @@ def main(argv) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _TPU_POD.value or (jax.config.jax_platforms in (None, "", "tpu") and _on_gke_tpu_pod()):
     jax.distributed.initialize()
-  from tropd_jax import metrics, train
+  from tropd_jax import cli, metrics, train
 
   metrics.configure_console_logging()
 
-  train.run_training(_CONFIG.value)
+  train.run_training(cli.config_flag_value(_CONFIG))
 
 
 def _on_gke_tpu_pod() -> bool:
@@ -40,5 +44,7 @@ def _on_gke_tpu_pod() -> bool:
 
 
 if __name__ == "__main__":
+  from tropd_jax import cli
+
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(lambda: app.run(main, flags_parser=cli.parse_absl_flags))

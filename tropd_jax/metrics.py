@@ -3,8 +3,9 @@
 Work-directory layout written here:
 
   <workdir>/metrics.jsonl   one line per `MetricsWriter.write`: {"step", "time", **scalars};
-                            non-finite values are null. A resumed run appends, so steps logged after
-                            the last checkpoint appear twice; the later line is the resumed run's.
+                            non-finite values are null. A resumed run appends after moving the
+                            lines of the steps it will log again (`purge_step`) to
+                            metrics.dropped.jsonl, so each step appears once.
   <workdir>/tensorboard/    TensorBoard event files (`tensorboard --logdir <workdir>/tensorboard`).
 
 Local directories and gs:// work directly (tensorboardX writes gs:// events with google-cloud-storage,
@@ -47,6 +48,7 @@ from tensorboardX import SummaryWriter, record_writer
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+DROPPED_FILE = "metrics.dropped.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "log.txt"
 WANDB_ID_FILE = "wandb_run_id"
@@ -184,9 +186,11 @@ class _JsonlAppender:
   write; either way a line is durable once `append` returns, which is what a preemptible run needs.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, *, purge_step: int | None = None):
     self._fs, self._path = fsspec.core.url_to_fs(path)
     self._file = None
+    if purge_step is not None and self._fs.exists(self._path):
+      self._purge(purge_step)
     if isinstance(self._fs, LocalFileSystem):
       os.makedirs(os.path.dirname(self._path), exist_ok=True)
       self._file = open(self._path, "ab")
@@ -196,6 +200,36 @@ class _JsonlAppender:
       last = self._content[-1:] or b"\n"
     if last != b"\n":  # A run killed mid-write left a cut line: start a fresh one.
       self._write(b"\n")
+
+  def _purge(self, purge_step: int) -> None:
+    """Moves the lines of steps >= ``purge_step`` (and cut lines) to the dropped-lines file.
+
+    The dropped lines are appended to `metrics.dropped.jsonl` before the kept ones replace the
+    file, so a crash in between leaves a line twice, never nowhere.
+    """
+    kept, dropped = [], []
+    for line in self._fs.cat_file(self._path).splitlines(keepends=True):
+      if not line.strip():
+        continue
+      try:
+        keep = int(json.loads(line)["step"]) < purge_step
+      except (ValueError, KeyError, TypeError):
+        keep = False  # A line cut short by a killed run.
+      (kept if keep else dropped).append(line.rstrip(b"\n") + b"\n")
+    if not dropped:
+      return
+    dropped_path = posixpath.join(posixpath.dirname(self._path), DROPPED_FILE)
+    previous = self._fs.cat_file(dropped_path) if self._fs.exists(dropped_path) else b""
+    self._fs.pipe_file(dropped_path, previous + b"".join(dropped))
+    if isinstance(self._fs, LocalFileSystem):
+      tmp = f"{self._path}.tmp"
+      with open(tmp, "wb") as f:
+        f.write(b"".join(kept))
+      os.replace(tmp, self._path)
+    else:
+      self._fs.pipe_file(self._path, b"".join(kept))
+    log.info("moved %d lines of steps >= %d from %s to %s (they are logged again)",
+             len(dropped), purge_step, self._path, dropped_path)
 
   def _write(self, data: bytes) -> None:
     if self._file is not None:
@@ -264,8 +298,9 @@ class MetricsWriter:
   Args:
     workdir: the run's work directory (local path or fsspec URL such as gs://bucket/run).
     enabled: whether this process writes; default `jax.process_index() == 0`.
-    purge_step: the step a resumed run restarts from; TensorBoard then hides the earlier run's
-      events from this step on (the JSONL keeps both; see `latest_per_step`).
+    purge_step: the first step this run logs again (a resumed run's restored step + 1, or 0
+      for a fresh start): lines of steps >= it move from metrics.jsonl to metrics.dropped.jsonl
+      and TensorBoard hides the earlier events from it on, so each step is logged once.
   """
 
   def __init__(self, workdir: str, *, enabled: bool | None = None, purge_step: int | None = None,
@@ -274,7 +309,7 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = self._tb = self._wandb = self._run_log = None
     if self.enabled:
-      self._jsonl = _JsonlAppender(f"{self.workdir}/{METRICS_FILE}")
+      self._jsonl = _JsonlAppender(f"{self.workdir}/{METRICS_FILE}", purge_step=purge_step)
       self._tb = SummaryWriter(logdir=_tensorboard_dir(self.workdir), purge_step=purge_step)
       if wandb is not None:
         self._wandb = _start_wandb(self.workdir, wandb)

@@ -161,8 +161,11 @@ def trust_noise(
 
 
 def guidance_fraction(step: int, total_steps: int) -> float:
-  """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (§4)."""
-  return (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+  """α_i = (1 + cos(π i / S)) / 2: the teacher-prefix fraction at step i (§4).
+
+  ``total_steps`` is the run's ``schedule_steps``; a run extended past it goes on with α = 0.
+  """
+  return (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)) / 2.0
 
 
 def guidance_prefix(response: Sequence[int], alpha: float, stop_ids: Sequence[int],

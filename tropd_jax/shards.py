@@ -122,6 +122,17 @@ class Source:
     """Names a row in messages: its shard and row number in the shard."""
     return f"{self.shards[unit.shard]} row {unit.first_row + row}"
 
+  def num_rows(self) -> int:
+    """Records at the path: Parquet from its metadata, JSONL by counting its non-blank lines."""
+    total = 0
+    for unit in self.units:
+      if unit.rows is not None:
+        total += unit.rows
+      else:
+        with self.fs.open(self._paths[unit.shard], "rt", encoding="utf-8") as f:
+          total += sum(1 for line in f if line.strip())
+    return total
+
   def read(self, unit: Unit, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The records of a unit in file order (only ``columns`` of a Parquet shard, if given).
 

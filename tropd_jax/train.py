@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
 import time
 
@@ -25,6 +24,7 @@ from tropd_jax import evaluate as evaluate_lib
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import metrics as metrics_lib
 from tropd_jax import models, objectives
+from tropd_jax import run_guard, stopping
 from tropd_jax import train_step as ts
 from tropd_jax import sampling
 from tropd_jax import teacher_responses as teacher_responses_lib
@@ -87,10 +87,10 @@ global_batch = data_lib.global_batch
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
-  """Validates the config, loads models and data, restores the latest checkpoint, builds phases."""
+  """Validates the config (against the run in its work directory: ``run_guard``), loads models
+  and data, restores the newest good checkpoint, builds the phases, then records the config."""
+  config = run_guard.prepare(config)
   settings = config_lib.settings(config)
-  config_lib.save_run_config(config)
-  writer = metrics_lib.MetricsWriter.from_config(config)
   mesh = mesh_lib.make_mesh(settings.mesh)
   _check_batch_axes(settings, mesh)
   t_tok = models.load_tokenizer(config.teacher.path)
@@ -100,6 +100,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
       models.load_config(config.student.path).vocab_size)
   stream = data_lib.PromptStream.from_config(config, s_tok)
+  if config.data.num_epochs:
+    run_guard.check_prompt_supply(config, stream.source.num_rows(), upper_bound=True)
   student = models.from_pretrained(config.student.path, dtype=config.student.dtype, mesh=mesh,
                                    remat=config.student.remat,
                                    attention_impl=config.attention_impl)
@@ -116,7 +118,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       f"{config.workdir}/checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   key = jax.random.key_data(jax.random.key(config.seed))
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state.as_dict()))
+  restored = checkpointer.restore_newest_good(ckpt_lib.abstract_like(state.as_dict()),
+                                             set_aside=True)
   if restored is not None:
     step, tree, meta = restored
     state = state.replace_leaves(tree)
@@ -129,6 +132,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       teacher_graphdef=nnx.graphdef(teacher), state_shardings=ts.state_shardings(state),
       vocab_size=vocab_size,
       sampler_shardings=layout_lib.param_shardings(state.params, mesh, layout))
+  run_guard.record_run_config(config)
+  writer = metrics_lib.MetricsWriter.from_config(
+      config, purge_step=restored[0] + 1 if restored else 0)
   return Run(config, settings, mesh, s_tok, vocab_size, student, teacher, stream, teacher_cache,
              state, checkpointer, writer, key, phases, layout)
 
@@ -219,7 +225,7 @@ def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout
   ids = [p.ids for p in prompts]
   rows = sampling.requests(ids, n=r.num_samples, max_new_tokens=r.max_new_tokens)
   if r.guided_per_prompt:
-    alpha = objectives.guidance_fraction(step, s.steps)
+    alpha = objectives.guidance_fraction(step, s.schedule_steps)
     # A guided row's response (prefix + continuation) has the budget of any other row.
     prefixes = [objectives.guidance_prefix(y, alpha, run.tokenizer.stop_ids,
                                            max_tokens=r.max_new_tokens - 1)
@@ -314,7 +320,10 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   """Runs (or resumes) a distillation; returns the last step's metrics.
 
   With ``eval.paths`` set, the student is evaluated before the first step, every
-  ``eval.every`` steps and after the last; the before/after table is printed.
+  ``eval.every`` steps and after the last; the before/after table is printed. SIGINT and
+  SIGTERM finish the current step, save it and raise ``stopping.RunInterrupted`` (every
+  process at the same step). A prompt set that runs out (``data.num_epochs``) saves the last
+  step and stops with a message.
 
   The host stays ahead of the chips: a step's scoring and update are dispatched without
   waiting, and their metrics are read and logged once the next step's rollouts are drawn.
@@ -326,8 +335,6 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   """
   run = setup(config)
   cfg = run.config
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
   start = int(run.state.step)
   bar = metrics_lib.ProgressBar(cfg.steps, initial_step=start)
   state = {"bad_steps": 0, "last": {}}
@@ -337,6 +344,7 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
   if start == 0 and cfg.eval.paths:
     evals[0] = evaluate_student(run, 0)
     run.writer.write(0, evaluate_lib.eval_scalars(evals[0]))
+  stop, interrupted, exhausted = stopping.StopSignals().install(), None, None
 
   def finish(p: _Pending) -> None:
     """Reads a dispatched step's metrics, logs them, stops on repeated non-finite steps."""
@@ -372,7 +380,11 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
     updated_at = time.perf_counter()
     for step in range(start, end):
-      prompts = global_batch(run.stream)
+      try:
+        prompts = global_batch(run.stream)
+      except StopIteration:  # data.num_epochs passes over the prompts are done
+        exhausted = step
+        break
       t0 = time.perf_counter()
       rollout, info = sample(run, prompts, step)
       t1 = time.perf_counter()
@@ -394,16 +406,28 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
                              or step + 1 == cfg.steps):
         evals[step + 1] = evaluate_student(run, step + 1)
       meta = {"data": run.stream.state(), "step": step + 1, "seed": cfg.seed}
-      # Read the flag once: a signal that lands during the save is handled after the
-      # next step, never reported as saved when this save was not forced.
-      received = stop["signal"]
+      # Read the (all-process) flag once: a signal that lands during the save is handled
+      # after the next step, never reported as saved when this save was not forced.
+      received = stop.agreed()
       run.checkpointer.save(step + 1, run.state.as_dict(), meta,
                             force=step + 1 == end or received is not None)
       if received is not None:
-        log.warning("received signal %s: saved step %d, exiting.", received, step + 1)
+        interrupted = stopping.RunInterrupted(received, step + 1, cfg.workdir)
         break
     if pending is not None:
       finish(pending)
+    if exhausted is not None:
+      if exhausted > start and exhausted not in run.checkpointer.steps():
+        run.checkpointer.save(exhausted, run.state.as_dict(),
+                              {"data": run.stream.state(), "step": exhausted, "seed": cfg.seed},
+                              force=True)
+      raise run_guard.PromptsExhausted(
+          f"data.num_epochs={cfg.data.num_epochs} passes over {cfg.data.train_path} ran out of "
+          f"prompts before step {exhausted + 1} of {cfg.steps} (prompts over "
+          f"data.max_prompt_tokens are dropped); step {exhausted} is saved. Raise "
+          "data.num_epochs (0 repeats forever) or add prompts, then rerun to resume.")
+    if interrupted is not None:
+      raise interrupted  # After the finally below has finished the save.
     nnx.update(run.student, run.state.params)
     if len(evals) > 1:
       bar.write(evaluate_lib.format_summary_table(evaluate_lib.table_by_step(evals)))
@@ -415,5 +439,5 @@ def run_training(config: ml_collections.ConfigDict, *, stop_at_step: int | None 
     bar.close()
     run.checkpointer.close()
     run.writer.close()
-    signal.signal(signal.SIGTERM, previous)
+    stop.restore()
   return state["last"]

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tropd_jax import cli
 from tropd_jax import mesh as mesh_lib
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.safetensors_io import SafetensorsFile, is_local, write_safetensors
@@ -82,6 +83,7 @@ def resolve_checkpoint(path: str, *, marker: str | None = "config.json",
   )
 
 
+@cli.reads_user_input
 def load_config(path: str, *, dtype: str | None = None) -> ModelConfig:
   """The ``ModelConfig`` of the checkpoint at ``path`` (reads only its config.json)."""
   ckpt = resolve_checkpoint(path)
@@ -170,6 +172,7 @@ class _TensorIndex:
     return self._open[fname]
 
 
+@cli.reads_user_input
 def from_pretrained(
     path: str,
     *,
@@ -191,7 +194,10 @@ def from_pretrained(
   cfg = with_dtype(ModelConfig.from_hf_config(read_json(f"{ckpt}/config.json")), dtype)
   tensors = _TensorIndex(ckpt)
   model = abstract_model(cfg, remat=remat, attention_impl=attention_impl)
-  for path_, var in model_params(model):
+  params = model_params(model)
+  _check_no_unused_tensors(ckpt, cfg, tensors.weight_map,
+                           {_hf_tensor(path_, cfg)[0] for path_, _ in params})
+  for path_, var in params:
     name, to_model, to_hf = _hf_tensor(path_, cfg)
     if name == "lm_head.weight" and name not in tensors.weight_map and not cfg.tie_word_embeddings:
       raise KeyError(f"{ckpt} has no tensor {name!r}, and tie_word_embeddings is false.")
@@ -214,6 +220,27 @@ def from_pretrained(
   log.info("loaded %s (%s, %.2fB params, %s)", ckpt, cfg.model_type, cfg.num_params() / 1e9,
            cfg.dtype)
   return model
+
+
+_NOT_PARAMETERS = re.compile(r".*\.rotary_emb\.inv_freq$")
+"""Buffers some checkpoints also hold; recomputed from config.json, never read."""
+
+
+def _check_no_unused_tensors(ckpt: str, cfg: ModelConfig, names, used: set[str]) -> None:
+  """Raises when the checkpoint holds tensors the model built from config.json would not read.
+
+  Such tensors mean that config.json does not describe the weights: a Qwen2 checkpoint whose
+  config says ``llama`` would load with its q/k/v biases silently dropped.
+  """
+  unused = sorted(n for n in names if n not in used and not _NOT_PARAMETERS.match(n)
+                  and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
+  if unused:
+    shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+    raise ValueError(
+        f"{ckpt} holds {len(unused)} tensors that a {cfg.model_type} model built from its "
+        f"config.json does not use: {shown}. config.json does not describe these weights "
+        f"(model_type={cfg.model_type!r}, attention_bias, qk-norm and tied embeddings follow "
+        "from it); fix config.json to the architecture the weights were saved from.")
 
 
 def _place(host: np.ndarray, axes, mesh) -> jax.Array:

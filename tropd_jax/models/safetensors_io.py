@@ -19,6 +19,8 @@ import fsspec
 import ml_dtypes
 import numpy as np
 
+from tropd_jax.cli import UserError
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -30,20 +32,62 @@ def is_local(path: str) -> bool:
   return "://" not in str(path) or str(path).startswith("file://")
 
 
+class CorruptFileError(UserError, ValueError):
+  """A safetensors file whose header and size disagree (truncated or damaged); names the file."""
+
+
 class SafetensorsFile:
-  """Lazily reads the tensors of one ``.safetensors`` file (local or remote)."""
+  """Lazily reads the tensors of one ``.safetensors`` file (local or remote).
+
+  The header is checked against the file's size when the file is opened, so a truncated or
+  damaged file fails there, naming the file and the first tensor it cannot hold.
+  """
 
   def __init__(self, path: str):
     self.path = str(path)
     with fsspec.open(self.path, "rb") as f:
+      size = f.size if isinstance(getattr(f, "size", None), int) else f.seek(0, 2)
+      f.seek(0)
+      if size < 8:
+        raise self._corrupt(f"it holds {size} bytes, fewer than the 8-byte header length")
       (header_len,) = struct.unpack("<Q", f.read(8))
-      header = json.loads(f.read(header_len))
+      if header_len > size - 8:
+        raise self._corrupt(f"its header claims {header_len} bytes, but the file holds {size}")
+      try:
+        header = json.loads(f.read(header_len))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise self._corrupt(f"its header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+      raise self._corrupt("its header is not a JSON object")
     header.pop("__metadata__", None)
     self.header = header
     self._data_start = 8 + header_len
+    self._check(size - self._data_start)
     self._mmap = None
     if is_local(self.path):
       self._mmap = np.memmap(self.path.removeprefix("file://"), dtype=np.uint8, mode="r")
+
+  def _corrupt(self, why: str) -> CorruptFileError:
+    return CorruptFileError(f"{self.path} is truncated or corrupt: {why}; copy or download it "
+                            "again.")
+
+  def _check(self, data_bytes: int) -> None:
+    """Every tensor's byte range fits its shape and dtype and lies inside the file."""
+    for name, info in self.header.items():
+      try:
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        start, end = (int(o) for o in info["data_offsets"])
+        count = int(np.prod(info["shape"], dtype=np.int64))
+      except (KeyError, TypeError, ValueError):
+        raise self._corrupt(f"the header entry of tensor {name!r} is malformed ({info!r:.200})")
+      if end - start != count * dtype.itemsize or start < 0:
+        raise self._corrupt(
+            f"tensor {name!r} of shape {info['shape']} {info['dtype']} needs "
+            f"{count * dtype.itemsize} bytes, but its header gives it {end - start}")
+      if end > data_bytes:
+        raise self._corrupt(
+            f"tensor {name!r} ends at byte {end} of the data, but the file holds {data_bytes} "
+            "bytes of data")
 
   def keys(self) -> list[str]:
     return list(self.header)

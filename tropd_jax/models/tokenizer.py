@@ -11,6 +11,7 @@ from typing import Any
 import fsspec
 import transformers
 
+from tropd_jax import cli
 from tropd_jax.models.safetensors_io import is_local
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Tokenizer:
     return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+@cli.reads_user_input
 def load_tokenizer(path: str, *,
                    chat_template_kwargs: Mapping[str, Any] | None = None) -> Tokenizer:
   """Loads the tokenizer in a checkpoint directory (local, gs:// or hub id).
@@ -117,6 +119,7 @@ def load_tokenizer(path: str, *,
                    chat_template_kwargs)
 
 
+@cli.reads_user_input
 def check_same_tokenizer(
     teacher: Tokenizer, student: Tokenizer, teacher_rows: int, student_rows: int
 ) -> int:
