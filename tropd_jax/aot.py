@@ -279,7 +279,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
   wanted = lambda group: not only or group in only
   s = config_lib.settings(config)
   mesh = mesh_lib.make_mesh(s.mesh, devices)
-  r, t, obj = s.rollout, s.train, s.objective
+  r, t = s.rollout, s.train
   kind = devices[0].device_kind
   # Compiling for local devices (a CPU: tests) gives programs but no roofline figures.
   chip = hlo_cost.CHIPS.get(kind) or hlo_cost.ChipSpec(kind, 1.0, 1.0, 1.0, hbm)

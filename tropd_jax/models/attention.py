@@ -18,7 +18,6 @@ Attention implementations (``Attention.attention_impl``):
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +111,6 @@ def splash_attend(q_BTNH, k_BTGH, v_BTGH, segment_ids_BT, *, block: int = SPLASH
     interpret: run the kernel in Pallas' interpreter; default: unless the target is a TPU.
   """
   b, t, n, h = q_BTNH.shape
-  k_heads = k_BTGH.shape[2]
   mesh = mesh_lib.current_mesh()
   if interpret is None:
     interpret = _platform(mesh) != "tpu"
