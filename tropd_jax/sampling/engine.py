@@ -565,6 +565,7 @@ class _Scheduler:
 
   def run(self, state, seed: int, progress):
     mesh = self.engine.mesh
+    self.pallas = paged.resolve_impl(self.cfg.attention, self.engine.model_cfg.head_dim) == "pallas"
     put = lambda x, axes: mesh_lib.put(x, axes, mesh)
     slots = self.shards * self.slots_local
     while self.queue or any(r is not None for rows in self.slot_row for r in rows):
@@ -582,7 +583,9 @@ class _Scheduler:
           raise RuntimeError("the KV-cache pool cannot hold a waiting row; raise num_pages.")
         break
       reach = max(int(self.lengths[g]) + steps + 1 for g in busy)
-      bucket = min(_pow2_at_least(self._pages_for(reach)), self.width)
+      # The Pallas kernel reads each row's live pages itself: one program for every length.
+      bucket = (self.width if self.pallas
+                else min(_pow2_at_least(self._pages_for(reach)), self.width))
       min_ended = (max(1, math.ceil(self.cfg.refill_fraction * slots)) if self.queue
                    else slots + 1)
       state, status = _decode(
