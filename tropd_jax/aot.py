@@ -352,14 +352,17 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
                      note="time scaled to the mean context" if scale < 1 else "")
     if not decode:
       return
-    bucket = min(_pow2(-(-int(live_tokens + cfg.chunk_steps) // cfg.page_size)), width)
+    c = model_cfg
+    with jax.set_mesh(mesh):
+      pallas = paged.resolve_impl(cfg.attention, c.head_dim) == "pallas"
+    # As the engine: the Pallas kernel one program for all lengths; the XLA path gathers the
+    # pages that cover the mean live row.
+    bucket = width if pallas else min(
+        _pow2(-(-int(live_tokens + cfg.chunk_steps) // cfg.page_size)), width)
     with mesh_lib.use_rules(rules):
       d_args = (graph, params, state_sds, row((slots, width), jnp.int32, ("batch", None)),
                 jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                 row((slots,), jnp.bool_, ("batch",)))
-    c = model_cfg
-    with jax.set_mesh(mesh):
-      pallas = paged.resolve_impl(cfg.attention, c.head_dim) == "pallas"
     # The Pallas kernel reads a row's live pages in place; XLA cannot see into it.
     kv_read = (slots / shards) * live_tokens * 2 * c.num_layers * c.num_kv_heads * c.head_dim \
         * compute.itemsize / max(_kv_head_shards(mesh, c, rules), 1) if pallas else 0.0
