@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import tiny_run
 from tropd_jax import export as export_lib
-from tropd_jax import models, sampler
+from tropd_jax import models, sampling
 from tropd_jax import student as student_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def test_bfloat16_export_loads_in_transformers_and_decodes_as_the_student(run, t
 def _assert_transformers_decodes_as(out: str, model) -> None:
   tok = models.load_tokenizer(out)
   prompts = [tok.encode_prompt(p) for p in tiny_run.PROMPTS]
-  ours = sampler.generate(model, prompts, 8, stop_ids=tok.stop_ids).completion_ids
+  ours = sampling.generate(model, prompts, 8, stop_ids=tok.stop_ids).completion_ids
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   for prompt, expected in zip(prompts, ours):
     generated = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
@@ -197,7 +197,7 @@ def test_bfloat16_export_of_the_demo_student_decodes_as_its_float32_weights(tmp_
   tok = models.load_tokenizer(str(out))
   problems = evaluate.load_problems(os.path.join(ASSETS, "heldout.jsonl"), limit=16)
   prompts = [tok.encode_prompt(p["problem"]) for p in problems]
-  ours = sampler.generate(student, prompts, 48, stop_ids=tok.stop_ids).completion_ids
+  ours = sampling.generate(student, prompts, 48, stop_ids=tok.stop_ids).completion_ids
   # The bfloat16 weights, computed in float32 (bfloat16 activations drift over 48 tokens).
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
   for prompt, expected in zip(prompts, ours):
