@@ -114,20 +114,23 @@ def test_blocked_attention_matches_einsum_with_a_cache():
   np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
-def test_prefill_and_decode_with_splash_model_match_einsum():
-  """With a cache the fused setting takes the blocked path; logits equal the reference."""
-  ids, mask = _batch(b=2, t=9)
-  mask = mask.at[1].set(True)
+def test_paged_prefill_and_decode_with_splash_model_match_einsum():
+  """The sampler's prefill runs the model's attention (splash when set); decode reads pages."""
+  import dataclasses
+
+  ids, _ = _batch(b=2, t=9)
+  lengths = jnp.asarray([9, 6])
   model = models.init_model(CFG)
   outs = []
   for impl in ("einsum", "splash"):
     model.set_attributes(attention_impl=impl)
-    cache = model.init_cache(2, 12)
-    h, cache = model.hidden(ids, mask_BT=mask, cache=cache)
-    h_next, _ = model.hidden(ids[:, :1], cache=cache)
+    cache = model.init_cache(num_pages=8, page_size=4, num_slots=2, max_pages_per_row=3)
+    cache = dataclasses.replace(cache, page_table_BP=jnp.asarray([[1, 2, 3], [4, 5, 6]]))
+    h, cache = model.prefill(ids, lengths, cache)
+    cache = dataclasses.replace(cache, lengths_B=lengths)
+    h_next, _ = model.decode(ids[:, 0], cache, impl="xla")
     outs.append((h, h_next))
-  m = np.asarray(mask)
-  np.testing.assert_allclose(np.asarray(outs[1][0])[m], np.asarray(outs[0][0])[m], atol=1e-5)
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
   np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5)
 
 

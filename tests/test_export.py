@@ -174,17 +174,17 @@ def test_bfloat16_export_of_the_demo_student_decodes_as_its_float32_weights(tmp_
 
   from tropd_jax import checkpoint as ckpt_lib
   from tropd_jax import config as config_lib
-  from tropd_jax import evaluate
+  from tropd_jax import evaluate, run_guard
   from tropd_jax import train_step as ts
   from tropd_jax.demo import ASSETS
 
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config.workdir = str(tmp_path / "run")
-  config_lib.save_run_config(config)
+  run_guard.record_run_config(config)
   student = models.from_pretrained(config.student.path, dtype="float32")
   params = nnx.state(student, nnx.Param)
-  tx = ts.make_optimizer(lr=1e-4, schedule="constant", warmup_steps=0, steps=2, weight_decay=0.0,
-                         b1=0.9, b2=0.999, grad_clip=1.0)
+  tx = config_lib.OptimizerSettings(lr=1e-4, schedule="constant", warmup_steps=0, steps=2,
+                                    weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0).make()
   checkpointer = ckpt_lib.Checkpointer(f"{config.workdir}/checkpoints", async_save=False)
   checkpointer.save(3, dataclasses.asdict(ts.TrainState(params, tx.init(params), np.int32(3))),
                     {"step": 3}, force=True)

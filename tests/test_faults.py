@@ -26,7 +26,8 @@ from test_train import (_free_port, _main_command, _params, _wait_for_step,  # n
 from tropd_jax import checkpoint as ckpt_lib
 from tropd_jax import cli, data as data_lib, metrics as metrics_lib, models, run_guard, stopping
 from tropd_jax import config as config_lib
-from tropd_jax import export, train
+from tropd_jax import export, objectives, train
+from tropd_jax import student as student_lib
 
 
 def tree_digest(root) -> dict[str, str]:
@@ -124,7 +125,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes(checkpoints
   damaged = tree_digest(workdir / "checkpoints" / "3")
 
   # export (and evaluate) read only: they fall back without moving anything, and say which step.
-  assert export.export(str(workdir), str(tmp_path / "exported")) == 2
+  run = student_lib.run_config(None, str(workdir))
+  assert export.export(run, str(tmp_path / "exported")).step == 2
   assert (workdir / "checkpoints" / "3").is_dir()
 
   with caplog.at_level("WARNING"):
@@ -143,8 +145,8 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_fresh(checkpoints, b
   before = tree_digest(workdir)
   with pytest.raises(ckpt_lib.NoGoodCheckpointError, match="no checkpoint .* can be restored"):
     train.setup(tiny_config(checkpoints, workdir, steps=3, checkpoint__keep=1))
-  with pytest.raises(ckpt_lib.NoGoodCheckpointError):
-    export.export(str(workdir), str(tmp_path / "exported"))
+  with pytest.raises(student_lib.UnreadableCheckpointError):
+    export.export(student_lib.run_config(None, str(workdir)), str(tmp_path / "exported"))
   assert tree_digest(workdir) == before
 
 
@@ -253,7 +255,8 @@ def test_steps_of_prompts_is_what_the_stream_yields(num_prompts, per_step, epoch
 
 def test_too_few_prompts_stop_before_training(checkpoints, tmp_path):
   config = tiny_config(checkpoints, tmp_path / "run", steps=4, data__num_epochs=1)
-  with pytest.raises(ValueError, match=r"data.num_epochs=1 over the 6 prompts .* gives 3 steps"):
+  with pytest.raises(ValueError,
+                     match=r"data.num_epochs=1 over the 6 records of .* gives at most 3 steps"):
     train.run_training(config)
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
 
@@ -279,7 +282,7 @@ def test_extending_steps_keeps_the_guidance_schedule(checkpoints, base, tmp_path
   assert alphas[1] == 1.0 and alphas[2] == pytest.approx(0.75)
   assert alphas[4] == 0.0  # Past the first launch's 3 steps: no prefix, not a restarted cosine.
   assert logged_steps(workdir) == [1, 2, 3, 4]
-  assert train.guidance_fraction(5, 3) == 0.0
+  assert objectives.guidance_fraction(5, 3) == 0.0
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 0.7), ("top_p", 0.9), ("top_k", 5)])

@@ -317,6 +317,7 @@ def test_tpu_program_of_a_tiny_model():
   from flax import nnx
 
   from tropd_jax import aot, mesh as mesh_lib, models
+  from tropd_jax import train_step as ts
 
   devices = aot.tpu_devices("v5e:2x2")
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(), devices)
@@ -324,7 +325,7 @@ def test_tpu_program_of_a_tiny_model():
   cfg = models.ModelConfig(model_type="qwen3", vocab_size=v, d_model=d, d_ff=f,
                            num_layers=layers, num_heads=n, num_kv_heads=g, head_dim=h,
                            qk_norm=True, dtype="bfloat16")
-  graphdef, state = aot.abstract_params(cfg, mesh)
+  graphdef, state = ts.abstract_params(cfg, mesh)
   b, t, micro = 8, 64, 3
 
   def forward(state, tokens_BT):

@@ -228,9 +228,13 @@ def test_training_logs_learning_rate_throughput_config_and_every_set():
 
 
 def test_learning_rate_schedules():
-  from tropd_jax import train_step as ts
+  from tropd_jax.config import OptimizerSettings
 
-  cosine = ts.lr_schedule(lr=1.0, schedule="cosine", warmup_steps=2, steps=10)
+  def schedule(**kw):
+    fields = dict(weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=0.0, steps=10, **kw)
+    return OptimizerSettings(**fields).learning_rate()
+
+  cosine = schedule(lr=1.0, schedule="cosine", warmup_steps=2)
   assert [float(cosine(s)) for s in (0, 1, 2)] == [0.0, 0.5, 1.0] and float(cosine(10)) < 1e-6
-  warm = ts.lr_schedule(lr=2.0, schedule="constant", warmup_steps=4, steps=10)
+  warm = schedule(lr=2.0, schedule="constant", warmup_steps=4)
   assert [float(warm(s)) for s in (0, 2, 4, 9)] == [0.0, 1.0, 2.0, 2.0]

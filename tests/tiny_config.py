@@ -28,5 +28,6 @@ def get_config(objective: str = "tropd"):
   c.train.micro_batch = 8  # One packed row per device of the 8-device test mesh.
   c.train.score_chunk = 8
   c.checkpoint.every = 1
+  c.eval.max_new_tokens = 8  # Within the tiny models' 256 positions.
   c.checkpoint.async_save = False
   return c

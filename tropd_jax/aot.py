@@ -287,9 +287,9 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
   response_tokens = response_tokens or max(r.max_new_tokens // 2, 1)
   s_cfg = model_config(s.student.path, s.student.dtype)
   t_cfg = model_config(s.teacher.path, s.teacher.dtype)
-  vocab_size = min(s_cfg.vocab_size, t_cfg.vocab_size)
+  vocab_size, why = _vocab_size(config, s_cfg, t_cfg)
   compute = jnp.dtype(s.student.compute_dtype)
-  notes = []
+  notes = [f"vocabulary: {vocab_size} tokens ({why})."]
 
   s_graph, s_params = ts.abstract_params(s_cfg, mesh, remat=s.student.remat,
                                          attention_impl=s.attention_impl)
@@ -440,6 +440,18 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
       chip=chip, hbm=hbm, headroom=0.1, workload=work, steps=s.steps, phases=compiler.phases,
       notes=notes)
   return report
+
+
+def _vocab_size(config, s_cfg, t_cfg) -> tuple[int, str]:
+  """The run's vocabulary, as training finds it: the tokenizers' size where they can be read
+  (a local or cached checkpoint), else the smaller embedding."""
+  try:
+    t_tok = models.load_tokenizer(config.teacher.path)
+    s_tok = models.load_tokenizer(config.student.path)
+  except Exception:  # noqa: BLE001 - no tokenizer here (a hub id without network): the rows
+    return min(s_cfg.vocab_size, t_cfg.vocab_size), "the embedding rows; no tokenizer read"
+  return models.check_same_tokenizer(t_tok, s_tok, t_cfg.vocab_size, s_cfg.vocab_size), (
+      "the tokenizers'")
 
 
 def _batch_shards(mesh, layout: str) -> int:

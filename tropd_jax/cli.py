@@ -205,6 +205,8 @@ def config_flag_value(flag) -> Any:
   ``OSError`` whose message spans several lines.
   """
   value = flag.value
+  if value is None:  # The flag was not given (a command that also takes --workdir).
+    return None
   try:
     value.keys()  # The deferred load error surfaces on the first attribute read.
     return value

@@ -215,7 +215,7 @@ RUN_CONFIG = "run_config.json"
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   path = f"{workdir.rstrip('/')}/{RUN_CONFIG}"
   if not fsspec.open(path).fs.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a tropd_jax work directory.")
+    raise ConfigError(f"{path} does not exist: {workdir!r} is not a tropd_jax work directory.")
   with fsspec.open(path) as f:
     recorded = _flatten(ml_collections.ConfigDict(json.load(f)))
   if "eval.path" in recorded:  # Recorded before eval.path became the list eval.paths.
@@ -227,8 +227,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     try:
       config.update_from_flattened_dict({name: tuple(value) if isinstance(value, list) else value})
     except (KeyError, AttributeError):
-      raise ValueError(f"{path}: field {name!r} is not a config field of this version of "
-                       "tropd_jax; pass the run's config file with --config instead.") from None
+      raise ConfigError(f"{path}: field {name!r} is not a config field of this version of "
+                        "tropd_jax; pass the run's config file with --config instead.") from None
   return config
 
 

@@ -58,6 +58,12 @@ class Block(nnx.Module):
     return x_B1D, k_pages_GPZH, v_pages_GPZH
 
 
+@nnx.remat
+def _remat_block(block: Block, x_BTD, positions_BT, inv_freq_h, segment_ids_BT):
+  """A training block, recomputed in the backward pass (all arguments are arrays)."""
+  return block(x_BTD, positions_BT, inv_freq_h, segment_ids_BT)
+
+
 class Transformer(nnx.Module):
   """A causal LM. Build it under ``jax.set_mesh(mesh)`` to shard it at creation.
 
@@ -122,8 +128,7 @@ class Transformer(nnx.Module):
     kv = []
     for block in self.blocks:
       if remat:  # Recompute the block in the backward pass (training).
-        x_BTD, layer_kv = nnx.remat(Block.__call__)(block, x_BTD, positions_BT, inv_freq_h,
-                                                    segment_ids_BT)
+        x_BTD, layer_kv = _remat_block(block, x_BTD, positions_BT, inv_freq_h, segment_ids_BT)
       else:
         x_BTD, layer_kv = block(x_BTD, positions_BT, inv_freq_h, segment_ids_BT, blocked)
       kv.append(layer_kv)
