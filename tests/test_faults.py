@@ -113,9 +113,12 @@ def test_fields_safe_on_resume_are_allowed(checkpoints, base, tmp_path):
 # --- 2. A damaged newest checkpoint ---------------------------------------------------------------
 
 def _remove_a_data_file(step_dir):
+  """Damages a checkpoint as a lost upload would: the state's array data files go missing."""
   data = [os.path.join(d, f) for d, _, files in os.walk(step_dir / "state") for f in files
           if os.path.basename(d) == "d"]
-  os.remove(max(data, key=os.path.getsize))
+  assert data
+  for path in data:
+    os.remove(path)
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes(checkpoints, base, tmp_path,
@@ -382,8 +385,10 @@ def test_config_mistakes_are_one_line(checkpoints, tmp_path):
   assert_one_line_error(result, "no checkpoint at", "nowhere")
   result = _command("-m", "tropd_jax.export", f"--workdir={tmp_path / 'none'}", "--out=x")
   assert_one_line_error(result, "run_config.json does not exist")
-  result = _command("-m", "tropd_jax.evaluate", f"--checkpoint={checkpoints / 'student'}",
-                    f"--data={tmp_path / 'none.jsonl'}", f"--out={tmp_path / 'eval'}")
+  result = _command("-m", "tropd_jax.evaluate", f"--config={here}/../configs/demo.py",
+                    f"--config.workdir={tmp_path / 'run'}", f"--checkpoint={checkpoints / 'student'}",
+                    f"--config.eval.paths=('{tmp_path / 'none.jsonl'}',)",
+                    f"--out={tmp_path / 'eval'}")
   assert_one_line_error(result, "none.jsonl does not exist")
   result = _command("-m", "tropd_jax.aot", f"--config={here}/no_such_config.py",
                     "--topology=v5p:2x2x1")

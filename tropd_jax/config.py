@@ -229,6 +229,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     except (KeyError, AttributeError):
       raise ConfigError(f"{path}: field {name!r} is not a config field of this version of "
                         "tropd_jax; pass the run's config file with --config instead.") from None
+  config.workdir = workdir  # Where it is now: a run directory may have been moved or copied.
   return config
 
 

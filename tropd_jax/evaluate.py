@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import posixpath
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -392,7 +391,7 @@ def main(argv) -> None:
                                out=_OUT.value)
   except (ValueError, FileNotFoundError, FileExistsError,
           student_lib.UnreadableCheckpointError) as e:
-    sys.exit(f"error: {e}")
+    raise cli.UserError(str(e)) from e  # cli.run prints it as one line, exit status 2.
   if jax.process_index() == 0:
     print(f"{source}, k={config.eval.k}, temperature={config.eval.temperature}, "
           f"top_p={config.eval.top_p}; samples and results.json in {out}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import sys
 
 import fsspec
 import jax
@@ -135,7 +134,7 @@ def main(argv) -> None:
                     max_shard_bytes=parse_size(_MAX_SHARD_SIZE.value))
   except (ValueError, FileNotFoundError, FileExistsError,
           student_lib.UnreadableCheckpointError) as e:
-    sys.exit(f"error: {e}")
+    raise cli.UserError(str(e)) from e  # cli.run prints it as one line, exit status 2.
   if result is not None:
     print(f"wrote the student at step {result.step} of {config.workdir} to {_OUT.value}: "
           f"{result.dtype}, {len(result.files)} file(s), {result.num_bytes / 1e6:.1f} MB")

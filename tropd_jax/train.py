@@ -117,7 +117,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   checkpointer = ckpt_lib.Checkpointer(
       f"{config.workdir}/checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
-  key = jax.random.key_data(jax.random.key(config.seed))
+  key = jax.device_put(jax.random.key_data(jax.random.key(config.seed)),  # [2] uint32
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   restored = checkpointer.restore_newest_good(ckpt_lib.abstract_like(state.as_dict()),
                                              set_aside=True)
   if restored is not None:

@@ -99,7 +99,7 @@ def summarize_run(workdir: str) -> dict:
 
     ev = config_lib.load_run_config(workdir).eval
     out["eval"] = {"k": ev.k, "temperature": ev.temperature}
-  except FileNotFoundError:
+  except (FileNotFoundError, config_lib.ConfigError):  # No run_config.json: eval unknown.
     out["eval"] = {}
   return out
 
