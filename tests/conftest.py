@@ -3,9 +3,14 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from hf_fixtures import FAST_COMPILE  # noqa: E402
+
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " " + FAST_COMPILE
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 # One XLA compilation cache for the session, shared with the commands the tests start: the
 # suite compiles the same tiny programs in many tests and processes. A new directory each

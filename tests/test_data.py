@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from hf_fixtures import CHAT_TEMPLATE, make_tokenizer
+from hf_fixtures import CHAT_TEMPLATE, make_tokenizer, xla_flags
 from tropd_jax import config as config_lib
 from tropd_jax import data, models, shards
 
@@ -394,7 +394,7 @@ def test_two_processes_gather_the_same_global_batches(tok_dir, tmp_path):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   outs = [tmp_path / f"out{i}.json" for i in range(2)]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(i), path,
                              str(tok_dir), str(outs[i])], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]

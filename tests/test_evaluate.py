@@ -287,5 +287,5 @@ def test_command_line_reports_every_set_and_the_mean(run, tmp_path):
   done = subprocess.run(
       [sys.executable, "-m", "tropd_jax.evaluate", f"--workdir={config.workdir}",
        "--step=9"], capture_output=True, text=True, cwd=ROOT)
-  assert done.returncode == 1
+  assert done.returncode == 2  # A user error (tropd_jax.cli).
   assert done.stderr.strip().splitlines()[-1].startswith("error: no checkpoint at step 9")

@@ -149,7 +149,7 @@ def test_command_line(run, tmp_path):
   # A mistake is one line naming it.
   done = subprocess.run([sys.executable, "-m", "tropd_jax.export", f"--workdir={config.workdir}",
                          f"--out={tmp_path / 'a'}"], capture_output=True, text=True, cwd=ROOT)
-  assert done.returncode == 1
+  assert done.returncode == 2  # A user error (tropd_jax.cli).
   assert done.stderr.strip().splitlines()[-1] == (
       f"error: {tmp_path / 'a'} already holds a checkpoint; export to a new --out directory.")
   shutil.rmtree(tmp_path / "a")

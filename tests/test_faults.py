@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from hf_fixtures import make_hf_model
+from hf_fixtures import make_hf_model, xla_flags
 from test_train import (_free_port, _main_command, _params, _wait_for_step,  # noqa: F401
                         checkpoints, tiny_config)
 from tropd_jax import checkpoint as ckpt_lib
@@ -177,7 +177,7 @@ def test_ctrl_c_saves_the_step_and_resumes_to_the_same_parameters(checkpoints, b
 
 
 def test_sigint_exits_130_and_a_second_one_at_once(checkpoints, tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   work = tmp_path / "run"
   cmd = _main_command(checkpoints, work, "--config.steps=1000", "--config.checkpoint.every=1000")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -310,7 +310,7 @@ def test_cosine_learning_rate_past_its_schedule_is_refused(checkpoints, tmp_path
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(checkpoints, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+         "XLA_FLAGS": xla_flags(4)}
   port, work = _free_port(), tmp_path / "multi"
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   procs = [
@@ -346,7 +346,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(checkpoints, tmp_pat
 
 def _command(*args, **env):
   return subprocess.run([sys.executable, *args], env={**os.environ, "JAX_PLATFORMS": "cpu",
-                                                      "XLA_FLAGS": "", **env},
+                                                      "XLA_FLAGS": xla_flags(), **env},
                         capture_output=True, text=True, timeout=300)
 
 

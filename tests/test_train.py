@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tiny_config as tiny_config_file
-from hf_fixtures import make_hf_model, make_tokenizer
+from hf_fixtures import make_hf_model, make_tokenizer, xla_flags
 from tropd_jax import config as config_lib
 from tropd_jax import metrics as metrics_lib
 from tropd_jax import models, train
@@ -188,7 +188,7 @@ def test_two_processes_match_one(checkpoints, tmp_path):
   single = tiny_config(checkpoints, tmp_path / "single", steps=2)
   train.run_training(single)
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+         "XLA_FLAGS": xla_flags(4)}
   port = _free_port()
   procs = [
       subprocess.Popen(
@@ -258,7 +258,7 @@ def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
 
   from tropd_jax import checkpoint as ckpt_lib
 
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   work = tmp_path / "run"
   cmd = _main_command(checkpoints, work, "--config.steps=1000", "--config.checkpoint.every=1000")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -319,3 +319,25 @@ def test_train_and_aot_compile_the_same_phases(checkpoints, tmp_path):
     assert run.phases.apply.lower(run.state, *acc).as_text() == lowered["train/apply"]
   run.checkpointer.close()
   run.writer.close()
+
+
+def test_rollout_seed_depends_on_the_seed_and_the_step():
+  seeds = {train.rollout_seed(seed, step) for seed in range(4) for step in range(50)}
+  assert len(seeds) == 200 and all(0 <= s < 2**31 for s in seeds)
+  assert train.rollout_seed(3, 7) == train.rollout_seed(3, 7)
+
+
+def test_two_seeds_sample_differently_and_one_seed_the_same(checkpoints, tmp_path):
+  """Runs that differ only in ``seed`` draw independent rollouts (the ablation's seeds)."""
+
+  def rollout(seed, name):
+    run = train.setup(tiny_config(checkpoints, tmp_path / name, "opd", seed=seed,
+                                  data__shuffle=False, rollout__max_new_tokens=12))
+    rollout, _ = train.sample(run, train.upcoming_prompts(run, 1)[:2], step=5)
+    run.checkpointer.close()
+    run.writer.close()
+    return [t.tolist() for t in rollout.tokens]
+
+  a, again, b = rollout(0, "a"), rollout(0, "again"), rollout(1, "b")
+  assert a == again
+  assert a != b and [len(x) > 0 for x in a] == [len(x) > 0 for x in b]
