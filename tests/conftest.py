@@ -26,3 +26,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The longest tests (marked ``slow``) start first, so two workers finish together."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

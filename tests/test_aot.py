@@ -53,6 +53,7 @@ def tiny_config(root):
   return c
 
 
+@pytest.mark.slow
 def test_every_phase_compiles_for_tpu_fits_and_is_timed(checkpoints, tmp_path):
   # conftest asks for "highest" matmul precision (float32 CPU references), which Mosaic refuses
   # for the splash kernel's bfloat16 matmuls; runs use the default, as the aot command does.

@@ -129,6 +129,7 @@ def test_ablation_table_and_plots(tmp_path):
     assert os.path.getsize(png) > 1000
 
 
+@pytest.mark.slow
 def test_notebook_runs_the_demo(tmp_path, monkeypatch):
   """The Colab notebook, top to bottom on the CPU, with a 2-step demo of 8 prompts per step."""
   import nbclient

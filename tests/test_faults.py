@@ -176,6 +176,7 @@ def test_ctrl_c_saves_the_step_and_resumes_to_the_same_parameters(checkpoints, b
   assert_same_params(saved_params(workdir, 3), saved_params(base, 3))
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_and_a_second_one_at_once(checkpoints, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   work = tmp_path / "run"
@@ -308,6 +309,7 @@ def test_cosine_learning_rate_past_its_schedule_is_refused(checkpoints, tmp_path
 
 # --- 8. Preemption of one host of a multi-host run ------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(checkpoints, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": xla_flags(4)}
@@ -374,6 +376,7 @@ def small_file_system(path, size_kib: int, *, read_only: bool = False):
     subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_config_mistakes_are_one_line(checkpoints, tmp_path):
   here = os.path.dirname(__file__)
   result = _command("-m", "tropd_jax.main", f"--config={here}/no_such_config.py")

@@ -135,6 +135,7 @@ def test_top_k_top_p_stay_in_their_set(top_k, top_p, temperature, jax_models):
                                  atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1), (1, 4, 2)])
 def test_sharded_greedy_matches_one_device(shape, checkpoints, jax_models):
   path, _ = checkpoints["qwen3"]
@@ -167,6 +168,7 @@ def test_prefix_rows(jax_models):
     sampling.requests(prompts, prefix_ids=[[1] * 8, [], []], max_new_tokens=8)
 
 
+@pytest.mark.slow
 def test_reproducible_and_independent_of_slots(jax_models):
   model = jax_models["diffuse"]
   prompts = ragged_prompts(np.random.RandomState(5), [2, 7, 4, 3, 5])
@@ -194,6 +196,7 @@ def test_reproducible_and_independent_of_slots(jax_models):
   assert any(a != b for a, b in zip(tokens(whole)[0::2], tokens(whole)[1::2]))
 
 
+@pytest.mark.slow
 def test_a_small_pool_preempts_and_redraws_the_same_tokens(jax_models):
   model = jax_models["diffuse"]
   prompts = ragged_prompts(np.random.RandomState(6), [3, 4, 2, 5, 3, 4])

@@ -181,6 +181,7 @@ def _main_command(root, workdir, *extra):
           f"--config.data.train_path={root / 'train.jsonl'}", *extra]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(checkpoints, tmp_path):
   """2 processes x 4 CPU devices (gloo) give the 8-device single-process result."""
   import subprocess
@@ -252,6 +253,7 @@ def test_signal_during_an_unforced_save_saves_the_next_step(checkpoints, tmp_pat
   assert saved == last_logged == 3
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
   import signal
   import subprocess
