@@ -77,6 +77,31 @@ def test_xla_equals_reference_and_contiguous_attend(g, q):
   np.testing.assert_allclose(_paged(c, impl="xla"), want, atol=2e-6)
 
 
+@pytest.mark.parametrize("g,q", [(1, 1), (2, 2), (4, 3)])
+def test_xla_live_pages_equal_the_reference(g, q):
+  """Every row's live pages in one flat list (zero-length rows, spare entries) = the reference."""
+  c = _case(g=g, q=q, lengths=(1, 16, 0, 12, 5, 4), seed=g * 7 + q)
+  want = pa.paged_attention_reference(c["q"], c["k_pages"], c["v_pages"], c["lengths"],
+                                      c["table"])
+  need = int(sum(-(-length // 4) for length in c["lengths"]))  # 1 + 4 + 0 + 3 + 2 + 1 = 11
+  for live in (need, need + 5):
+    np.testing.assert_allclose(_paged(c, impl="xla", live_pages=live), want, atol=2e-6)
+  short = np.asarray(_paged(c, impl="xla", live_pages=need - 1))  # The last row loses a page.
+  np.testing.assert_allclose(short[:5], np.asarray(want)[:5], atol=2e-6)
+  with pytest.raises(ValueError, match="live_pages=0"):
+    _paged(c, impl="xla", live_pages=0)
+
+
+def test_xla_live_pages_cost_follows_the_total_length():
+  c = _case(lengths=(3, 5, 2, 7), pages_per_row=16, seed=5)
+  costs = {}
+  for live in (8, 32):
+    fn = jax.jit(lambda *a, n=live: pa.paged_attention(*a, impl="xla", live_pages=n))
+    compiled = fn.lower(c["q"], c["k_pages"], c["v_pages"], c["lengths"], c["table"]).compile()
+    costs[live] = compiled.cost_analysis()
+  assert 3 < costs[32]["flops"] / costs[8]["flops"] < 5
+
+
 def test_xla_bucket_reads_only_its_pages():
   """Rows within 2 pages: bucket 2 equals the full table; bucket 1 cuts the longer rows."""
   c = _case(lengths=(1, 8, 5, 3), seed=3)
@@ -227,23 +252,25 @@ def _sharded_case(shards, slots_per_shard=2, pages_per_shard=9, g=2, q=2, z=4, h
       mask=rng.rand(b, 5) > 0.3, new_BGH=rng.randn(b, g, h).astype(np.float32))
 
 
-def _step(c, table, lengths_B, impl):
+def _step(c, table, lengths_B, impl, live_pages=None):
   """Prefill a chunk after each row's tokens, decode one more, attend over the grown rows."""
   start = jnp.maximum(lengths_B - 8, 0)
   pages = pa.write_prefill(c["k_pages"], c["new_BTGH"], table, start, c["mask"])
   pages = pa.write_decode(pages, c["new_BGH"], table, lengths_B - 1)
   out = pa.paged_attention(c["q"], pages, c["v_pages"], lengths_B, table, impl=impl,
-                           pages_bucket=4)
+                           pages_bucket=4, live_pages=live_pages)
   return pages, out
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "xla_live", "pallas"])
 def test_eight_devices_equal_one(impl):
   """Mesh data=2, fsdp=2, tensor=2: 4 slot/pool shards with local tables, kv heads split."""
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   assert pa.page_shards(mesh) == 4
   c = _sharded_case(shards=4)
-  step = jax.jit(lambda table, lengths: _step(c, table, lengths, impl))
+  live = 32 if impl == "xla_live" else None  # Holds every page of the 8 rows (one device).
+  impl = impl.removesuffix("_live")
+  step = jax.jit(lambda table, lengths: _step(c, table, lengths, impl, live))
   pages_1, out_1 = step(c["glob"], c["lengths"])
   with jax.set_mesh(mesh):
     pages_8, out_8 = step(c["local"], c["lengths"])

@@ -18,8 +18,11 @@ means global page ``s·P/n + i``, and local page 0 of every shard is that shard'
 The page allocator must therefore give a slot pages from its own shard's range only.
 
 Decode attention implementations (``impl``):
-  ``xla``     gathers the first ``pages_bucket`` page-table columns of every row and masks
-              positions past the row's length: cost follows the bucket, not the table width.
+  ``xla``     with ``live_pages``: attends over the live pages of all rows flattened into one
+              list (``live_pages`` entries per shard, a softmax per row over its own pages):
+              cost follows the rows' total live length. Without it: gathers the first
+              ``pages_bucket`` page-table columns of every row and masks positions past the
+              row's length: cost follows the longest row.
   ``pallas``  jax's Pallas TPU paged-attention kernel (reads only a row's live pages, in blocks
               of pages); compiled by Mosaic on TPU, run in Pallas' TPU interpret mode elsewhere
               (slow: tests only). It rounds keys and values to bfloat16 inside, whatever the
@@ -297,8 +300,8 @@ def resolve_impl(impl: str, head_dim: int) -> str:
 
 
 def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP, *, impl: str,
-                    pages_bucket: int | None = None, interpret: bool | None = None,
-                    pages_per_compute_block: int | None = None):
+                    pages_bucket: int | None = None, live_pages: int | None = None,
+                    interpret: bool | None = None, pages_per_compute_block: int | None = None):
   """Decode attention: one query per slot over the first ``lengths_B`` tokens of its row.
 
   Softmax in float32, scale ``H**-0.5``, grouped heads (query head ``n`` reads kv head
@@ -313,6 +316,9 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
     pages_bucket: read only the first ``pages_bucket`` page-table columns (static; default:
       all). It must cover every row: ``lengths_B <= pages_bucket·Z`` (longer rows would read
       only their first ``pages_bucket·Z`` tokens).
+    live_pages: ``xla`` only (static): attend over the rows' live pages as one flat list of
+      this many entries per shard; it must hold them all (``sum(ceil(lengths_B / Z))`` of a
+      shard's slots; rows past it would read fewer of their tokens).
     interpret: run the Pallas kernel in Pallas' TPU interpreter; default: unless the target
       is a TPU.
     pages_per_compute_block: pages per block of the Pallas kernel; it must divide the
@@ -338,8 +344,11 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
   if not isinstance(pages_bucket, int) or not 1 <= pages_bucket <= width:
     raise ValueError(f"paged_attention: pages_bucket={pages_bucket!r} must be an integer in "
                      f"[1, {width}] (the page table's width).")
+  if live_pages is not None and (not isinstance(live_pages, int) or live_pages < 1):
+    raise ValueError(f"paged_attention: live_pages={live_pages!r} must be a positive integer.")
   if impl == "xla":
-    local = _attend_xla
+    local = (_attend_xla if live_pages is None
+             else functools.partial(_attend_xla_live, live_pages=live_pages))
   else:
     if pages_per_compute_block is None:
       most = max(1, PALLAS_BLOCK_TOKENS // z)
@@ -382,6 +391,42 @@ def _attend_xla(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP):
   probs_BGQS = jax.nn.softmax(logits_BGQS, axis=-1)
   out_BGQH = jnp.einsum("BGQS,GBSH->BGQH", probs_BGQS.astype(v_GBSH.dtype), v_GBSH,
                         preferred_element_type=jnp.float32)
+  out_BGQH = jnp.where(lengths_B[:, None, None, None] > 0, out_BGQH, 0.0)
+  return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
+
+
+def _attend_xla_live(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP, *,
+                     live_pages: int):
+  """Attention over the live pages of every row as one flat list of ``live_pages`` (``L``)
+  entries: entry ``l`` is page ``ord_L[l]`` of row ``row_L[l]``; each row's softmax runs over
+  its own entries (segment max and sum). Entries past the rows' pages read the scratch page,
+  masked."""
+  b, n, h = q_BNH.shape
+  g, _, z, _ = k_pages_GPZH.shape
+  width = page_table_BP.shape[1]
+  pages_B = jnp.minimum(-(-lengths_B // z), width)
+  ends_B = jnp.cumsum(pages_B)
+  row_L = jnp.searchsorted(ends_B, jnp.arange(live_pages), side="right")  # b: no row
+  live_L = row_L < b
+  row_L = jnp.minimum(row_L, b - 1)
+  ord_L = jnp.arange(live_pages) - (ends_B - pages_B)[row_L]
+  page_L = jnp.where(live_L, page_table_BP[row_L, jnp.clip(ord_L, 0, width - 1)], SCRATCH_PAGE)
+  k_GLZH, v_GLZH = k_pages_GPZH[:, page_L], v_pages_GPZH[:, page_L]
+  q_LGQH = q_BNH[row_L].reshape(live_pages, g, n // g, h)
+  logits_LGQZ = jnp.einsum(
+      "LGQH,GLZH->LGQZ", q_LGQH, k_GLZH, preferred_element_type=jnp.float32) * (h**-0.5)
+  position_LZ = ord_L[:, None] * z + jnp.arange(z)[None]
+  valid_LZ = live_L[:, None] & (position_LZ < lengths_B[row_L][:, None])
+  logits_LGQZ = jnp.where(valid_LZ[:, None, None], logits_LGQZ, jnp.finfo(jnp.float32).min)
+  segment_L = jnp.where(live_L, row_L, b)  # Entries of no row go to an extra segment.
+  max_BGQ = jax.ops.segment_max(logits_LGQZ.max(-1), segment_L, num_segments=b + 1)[:b]
+  probs_LGQZ = jnp.where(valid_LZ[:, None, None],
+                         jnp.exp(logits_LGQZ - max_BGQ[row_L][..., None]), 0.0)
+  sum_BGQ = jax.ops.segment_sum(probs_LGQZ.sum(-1), segment_L, num_segments=b + 1)[:b]
+  part_LGQH = jnp.einsum("LGQZ,GLZH->LGQH", probs_LGQZ.astype(v_GLZH.dtype), v_GLZH,
+                         preferred_element_type=jnp.float32)
+  out_BGQH = jax.ops.segment_sum(part_LGQH, segment_L, num_segments=b + 1)[:b]
+  out_BGQH = out_BGQH / jnp.maximum(sum_BGQ, jnp.finfo(jnp.float32).tiny)[..., None]
   out_BGQH = jnp.where(lengths_B[:, None, None, None] > 0, out_BGQH, 0.0)
   return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
 

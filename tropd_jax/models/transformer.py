@@ -45,7 +45,7 @@ class Block(nnx.Module):
     return mesh_lib.shard(x_BTD + self.mlp(self.mlp_norm(x_BTD)), _ACT_AXES)
 
   def decode(self, x_B1D, positions_B, inv_freq_h, k_pages_GPZH, v_pages_GPZH, page_table_BP,
-             *, impl: str, pages_bucket: int | None):
+             *, impl: str, pages_bucket: int | None, live_pages: int | None = None):
     """One token per row at ``positions_B``: its keys and values written to the pages, then
     attention over the row's first ``positions_B + 1`` tokens."""
     q_B1NH, k_B1GH, v_B1GH = self.attn.qkv(self.attn_norm(x_B1D), positions_B[:, None],
@@ -53,7 +53,8 @@ class Block(nnx.Module):
     k_pages_GPZH = paged.write_decode(k_pages_GPZH, k_B1GH[:, 0], page_table_BP, positions_B)
     v_pages_GPZH = paged.write_decode(v_pages_GPZH, v_B1GH[:, 0], page_table_BP, positions_B)
     out_BNH = paged.paged_attention(q_B1NH[:, 0], k_pages_GPZH, v_pages_GPZH, positions_B + 1,
-                                    page_table_BP, impl=impl, pages_bucket=pages_bucket)
+                                    page_table_BP, impl=impl, pages_bucket=pages_bucket,
+                                    live_pages=live_pages)
     x_B1D = self._mlp(x_B1D + self.attn.output(out_BNH[:, None]))
     return x_B1D, k_pages_GPZH, v_pages_GPZH
 
@@ -161,7 +162,8 @@ class Transformer(nnx.Module):
     return h_BD, dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages)
 
   def decode(self, tokens_B: jax.Array, cache: paged.PagedKVCache, *, impl: str = "auto",
-             pages_bucket: int | None = None) -> tuple[jax.Array, paged.PagedKVCache]:
+             pages_bucket: int | None = None, live_pages: int | None = None
+             ) -> tuple[jax.Array, paged.PagedKVCache]:
     """One token per row, at position ``cache.lengths_B`` (then cached there).
 
     Returns ``(h_BD, cache)``: the final-normed hidden state of each new token and the cache
@@ -173,7 +175,8 @@ class Transformer(nnx.Module):
     k_pages, v_pages = [], []
     for block, k_p, v_p in zip(self.blocks, cache.k_pages, cache.v_pages):
       x_B1D, k_p, v_p = block.decode(x_B1D, cache.lengths_B, inv_freq_h, k_p, v_p,
-                                     cache.page_table_BP, impl=impl, pages_bucket=pages_bucket)
+                                     cache.page_table_BP, impl=impl, pages_bucket=pages_bucket,
+                                     live_pages=live_pages)
       k_pages.append(k_p)
       v_pages.append(v_p)
     h_BD = self.final_norm(x_B1D)[:, 0]

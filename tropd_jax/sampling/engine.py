@@ -235,7 +235,8 @@ def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R,
 
 
 def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_ended, release_B,
-           *, config: SamplerConfig, rules, pages_bucket: int | None):
+           *, config: SamplerConfig, rules, pages_bucket: int | None,
+           live_pages: int | None = None):
   """Up to ``max_steps`` decode steps of every busy slot; returns early once ``min_ended``
   rows busy at the start have ended (or when none is busy).
 
@@ -248,6 +249,9 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     release_B: bool slots to empty first (rows put back in the queue).
     config, rules: static, as ``prefill``.
     pages_bucket: static, page-table columns decode attention reads (None: all).
+    live_pages: static, entries of the flat list of live pages the XLA decode attention reads
+      per shard (None: ``pages_bucket`` columns of every slot); it must hold every busy slot's
+      pages up to ``lengths + max_steps + 1`` and one page of each other slot.
 
   Returns:
     ``(state, status)``: status is ``(done_B, count_B, lengths_B, steps)``, replicated.
@@ -268,10 +272,13 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
 
     def body(carry):
       step, s = carry
-      cache = paged.PagedKVCache(s.k_pages, s.v_pages, page_table_BP, s.lengths_B)
-      h_BD, cache = model.decode(s.last_B, cache, impl=config.attention,
-                                 pages_bucket=pages_bucket)
       active_B = ~s.done_B
+      # An idle slot runs at position 0 (its write lands on its first page, or the scratch
+      # page once freed) and attends over one token: it never reads past its own pages.
+      cache = paged.PagedKVCache(s.k_pages, s.v_pages, page_table_BP,
+                                 jnp.where(active_B, s.lengths_B, 0))
+      h_BD, cache = model.decode(s.last_B, cache, impl=config.attention,
+                                 pages_bucket=pages_bucket, live_pages=live_pages)
       next_B, logp_B = draw.sample_tokens(model.logits(h_BD[:, None])[:, 0],
                                           draw.token_keys(keys_B, s.count_B), config)
       at_BN = (column_1N == s.count_B[:, None]) & active_B[:, None]
@@ -299,7 +306,8 @@ def take_rows(tokens_BN, logp_BN, slots_R):
 
 _prefill = jax.jit(prefill, static_argnames=("graphdef", "config", "rules"),
                    donate_argnames=("state",))
-_decode = jax.jit(decode, static_argnames=("graphdef", "config", "rules", "pages_bucket"),
+_decode = jax.jit(decode, static_argnames=("graphdef", "config", "rules", "pages_bucket",
+                                           "live_pages"),
                   donate_argnames=("state",))
 _take_rows = jax.jit(take_rows)
 _init_state = jax.jit(init_state, static_argnames=(
@@ -318,6 +326,15 @@ def _host(x) -> np.ndarray:
 
 def _pow2_at_least(n: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _bucket_at_least(n: int) -> int:
+  """The smallest of 1..8, or of 5..8 times a power of two, that is at least ``n``: a shape at
+  most 25 % larger than needed, four programs per doubling."""
+  if n <= 8:
+    return max(n, 1)
+  shift = (n - 1).bit_length() - 3
+  return -(-n >> shift) << shift
 
 
 class Engine:
@@ -586,12 +603,19 @@ class _Scheduler:
       # The Pallas kernel reads each row's live pages itself: one program for every length.
       bucket = (self.width if self.pallas
                 else min(_pow2_at_least(self._pages_for(reach)), self.width))
+      live = None
+      if not self.pallas:  # XLA: the live pages of all slots in one list, per shard.
+        pages = [sum(min(self._pages_for(int(self.lengths[g]) + steps + 1), self.width)
+                     if self.slot_row[shard][g % self.slots_local] is not None else 1
+                     for g in range(shard * self.slots_local, (shard + 1) * self.slots_local))
+                 for shard in range(self.shards)]
+        live = min(_bucket_at_least(max(pages)), self.slots_local * self.width)
       min_ended = (max(1, math.ceil(self.cfg.refill_fraction * slots)) if self.queue
                    else slots + 1)
       state, status = _decode(
           self.engine.graphdef, self.engine.params, state, put(self.page_table, _ROW_AXES),
           np.int32(steps), np.int32(min_ended), put(self.release, _SLOT_AXES),
-          config=self.cfg, rules=self.engine.rules, pages_bucket=bucket)
+          config=self.cfg, rules=self.engine.rules, pages_bucket=bucket, live_pages=live)
       self.release[:] = False
       done, count, lengths, ran = map(_host, status)
       self.decode_calls += 1
