@@ -310,7 +310,8 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
   layout, why = layout_lib.choose(
       r.decode_layout, weight_bytes=layout_lib.tree_bytes(compute_params),
       kv_bytes_per_chip=_pool_pages(scfg, r.slots, width, shards_of("replicated"))
-      * scfg.page_size * kv_per_token // shards_of("replicated"),
+      * scfg.page_size * kv_per_token
+      // layout_lib.pool_shards(mesh, "replicated", s_cfg.num_kv_heads),
       resident_per_chip=student_b + teacher_b + opt_b, mesh=mesh, hbm=hbm)
   notes.append(f"decode layout {layout}: {why}.")
   rules = mesh_lib.DECODE_RULES[layout]

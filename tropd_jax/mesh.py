@@ -43,12 +43,9 @@ DECODE_RULES: dict[str, dict[str, tuple[str, ...]]] = {
     # Weights whole on every chip of the data/fsdp axes (split over tensor only); rows over all
     # of data and fsdp.
     "replicated": {**RULES, "embed": ()},
-    # Weights split over fsdp and tensor together (heads, MLP, vocabulary). The KV pages split
-    # their kv heads over tensor and their rows over data and fsdp, so that no chip holds more
-    # than its share of the pool whatever the number of kv heads (queries move to their pages:
-    # a [B, N, H] activation per layer, not weights).
-    "tensor": {**RULES, "batch": ("data", "fsdp"), "embed": (), "mlp": ("fsdp", "tensor"),
-               "heads": ("fsdp", "tensor"), "kv_heads": ("tensor",),
+    # Weights split over fsdp and tensor together (heads, MLP, vocabulary); rows over data only.
+    "tensor": {**RULES, "batch": ("data",), "embed": (), "mlp": ("fsdp", "tensor"),
+               "heads": ("fsdp", "tensor"), "kv_heads": ("fsdp", "tensor"),
                "vocab": ("fsdp", "tensor")},
 }
 

@@ -149,7 +149,10 @@ def choose_decode_layout(settings: config_lib.Settings, mesh, state, teacher_par
   pool_tokens = (scfg.num_pages * scfg.page_size if scfg.num_pages
                  else r.slots * scfg.max_row_tokens)
   kv_per_token = _kv_bytes_per_token(state.params, settings.student.compute_dtype)
-  kv_per_chip = pool_tokens * kv_per_token // max(mesh_lib.batch_shards(mesh), 1)
+  kv_heads = next(x.shape[1] for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+                  if "k_DGH" in jax.tree_util.keystr(path))
+  kv_per_chip = pool_tokens * kv_per_token // layout_lib.pool_shards(mesh, "replicated",
+                                                                     kv_heads)
   resident = layout_lib.chip_bytes(state) + layout_lib.chip_bytes(teacher_params)
   layout, why = layout_lib.choose(
       r.decode_layout, weight_bytes=layout_lib.tree_bytes(compute),

@@ -86,6 +86,18 @@ def choose(requested: str, *, weight_bytes: int, kv_bytes_per_chip: int, residen
                     f"of {gib(hbm)}")
 
 
+def pool_shards(mesh, layout: str, num_kv_heads: int) -> int:
+  """Chips that split the KV pool in ``layout``: its rows over the ``batch`` axes, its kv heads
+  over the axes they divide."""
+  if mesh is None:
+    return 1
+  with mesh_lib.use_rules(mesh_lib.DECODE_RULES[layout]):
+    rows = mesh_lib.batch_shards(mesh)
+    spec = mesh_lib.logical_to_spec(("kv_heads",), (num_kv_heads,), mesh)[0]
+  axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
+  return rows * math.prod(mesh.shape[a] for a in axes)
+
+
 def param_shardings(params, mesh, layout: str):
   """Shardings of the sampler's copy of ``params`` (an ``nnx.State`` of Params) in ``layout``."""
   from tropd_jax import models
