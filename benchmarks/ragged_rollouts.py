@@ -36,6 +36,8 @@ def main(argv=None) -> None:
   p.add_argument("--budget", type=int, default=1024)
   p.add_argument("--chunk_steps", type=int, default=64)
   p.add_argument("--page_size", type=int, default=64)
+  p.add_argument("--refill_fraction", type=float, default=None,
+                 help="SamplerConfig.refill_fraction (default: the library's)")
   args = p.parse_args(argv)
 
   import jax
@@ -55,11 +57,13 @@ def main(argv=None) -> None:
   prompts = [rng.randint(3, 256, rng.randint(16, 49)).tolist() for _ in range(args.prompts)]
   stops = (1, 2)
 
+  extra = {} if args.refill_fraction is None else {"refill_fraction": args.refill_fraction}
+
   def run(budget, stop_ids, rows):
     t0 = time.perf_counter()
     gen = sampling.generate(model, rows, budget, temperature=1.0, stop_ids=stop_ids, seed=0,
                             micro_batch_size=args.slots, chunk_steps=args.chunk_steps,
-                            page_size=args.page_size, length_buckets=(64,))
+                            page_size=args.page_size, length_buckets=(64,), **extra)
     return time.perf_counter() - t0, gen
 
   print(f"command: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')} python -m "

@@ -329,11 +329,11 @@ def _pow2_at_least(n: int) -> int:
 
 
 def _bucket_at_least(n: int) -> int:
-  """The smallest of 1..8, or of 5..8 times a power of two, that is at least ``n``: a shape at
-  most 25 % larger than needed, four programs per doubling."""
-  if n <= 8:
+  """The smallest of 1, 2, 3 and 2 or 3 times a power of two that is at least ``n``: a shape at
+  most 50 % larger than needed, two programs per doubling (each is a compilation)."""
+  if n <= 3:
     return max(n, 1)
-  shift = (n - 1).bit_length() - 3
+  shift = (n - 1).bit_length() - 2
   return -(-n >> shift) << shift
 
 
@@ -470,7 +470,7 @@ class _Scheduler:
     self.results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     self.release = np.zeros(self.shards * slots_local, bool)
     self.prefill_calls = self.decode_calls = self.decode_steps = 0
-    self.busy_slot_steps = self.preemptions = 0
+    self.busy_slot_steps = self.preemptions = self.last_steps = 0
     self.tokens_drawn = 0
 
   # Pages ---------------------------------------------------------------------------------------
@@ -530,7 +530,10 @@ class _Scheduler:
     return per_shard
 
   def _prefill(self, state, per_shard, seed):
-    rows_local = _pow2_at_least(max(len(a) for a in per_shard))
+    # Rows padded to a power of two, at least a refill's worth: few prefill programs to compile.
+    refill = math.ceil(self.cfg.refill_fraction * self.slots_local)
+    rows_local = min(_pow2_at_least(max(max(len(a) for a in per_shard), refill)),
+                     _pow2_at_least(self.slots_local))
     rows = rows_local * self.shards
     contexts = [self.requests[row].context for admitted in per_shard for _, row in admitted]
     t = self.cfg.bucket(max(map(len, contexts)))
@@ -591,7 +594,12 @@ class _Scheduler:
         if not any(per_shard):
           break
         state = self._prefill(state, per_shard, seed)
+      # While rows wait, a call usually returns once refill_fraction of the slots has ended:
+      # plan pages and attention for about twice the steps the last call ran, not the whole
+      # chunk (a call that reaches its steps returns, and the next one plans again).
       steps = self.cfg.chunk_steps
+      if self.queue and self.last_steps:
+        steps = min(steps, max(8, 2 * self.last_steps))
       self._make_room(steps)
       busy = [g for g in range(slots)
               if self.slot_row[g // self.slots_local][g % self.slots_local] is not None]
@@ -620,6 +628,7 @@ class _Scheduler:
       done, count, lengths, ran = map(_host, status)
       self.decode_calls += 1
       self.decode_steps += int(ran)
+      self.last_steps = int(ran)
       self.busy_slot_steps += int(ran) * len(busy)
       self.lengths[:] = lengths
       ended = [g for g in busy if done[g]]
