@@ -52,6 +52,18 @@ def run_config(config: ml_collections.ConfigDict | None,
   return config_lib.validate(config)
 
 
+def run_tokenizer(config: ml_collections.ConfigDict):
+  """``(tokenizer, vocab_size)`` of the run: the student's tokenizer (with the data's chat
+  template arguments), checked to be the teacher's, and the vocabulary both models share."""
+  t_tok = models.load_tokenizer(config.teacher.path)
+  s_tok = models.load_tokenizer(config.student.path,
+                                chat_template_kwargs=config.data.chat_template_kwargs)
+  vocab_size = models.check_same_tokenizer(
+      t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
+      models.load_config(config.student.path).vocab_size)
+  return s_tok, vocab_size
+
+
 def student_config(config: ml_collections.ConfigDict, dtype: str | None = None):
   """The student's ``ModelConfig`` (its checkpoint's config.json), in ``dtype`` (None: its own)."""
   return models.load_config(config.student.path, dtype=dtype)

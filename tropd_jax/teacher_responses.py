@@ -27,6 +27,7 @@ from tropd_jax import config as config_lib
 from tropd_jax import data as data_lib
 from tropd_jax import mesh as mesh_lib
 from tropd_jax import models, sampling
+from tropd_jax import student as student_lib
 from tropd_jax.sampling import layout as layout_lib
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,7 @@ def run(config, *, batch_prompts: int = 1024, limit: int = 0) -> dict:
   if batch_prompts < 1:
     raise ValueError(f"--batch_prompts={batch_prompts} must be >= 1.")
   mesh = mesh_lib.make_mesh(settings.mesh)
-  t_tok = models.load_tokenizer(config.teacher.path)
-  s_tok = models.load_tokenizer(config.student.path,
-                                chat_template_kwargs=config.data.chat_template_kwargs)
-  vocab_size = models.check_same_tokenizer(
-      t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
-      models.load_config(config.student.path).vocab_size)
+  s_tok, vocab_size = student_lib.run_tokenizer(config)
   cache = data_lib.TeacherResponseCache(cache_path(config.workdir))
   seed = seed_of(settings.seed)
   t_engine = None

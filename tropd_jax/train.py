@@ -25,6 +25,7 @@ from tropd_jax import mesh as mesh_lib
 from tropd_jax import metrics as metrics_lib
 from tropd_jax import models, objectives
 from tropd_jax import run_guard, stopping
+from tropd_jax import student as student_lib
 from tropd_jax import train_step as ts
 from tropd_jax import sampling
 from tropd_jax import teacher_responses as teacher_responses_lib
@@ -93,12 +94,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   settings = config_lib.settings(config)
   mesh = mesh_lib.make_mesh(settings.mesh)
   _check_batch_axes(settings, mesh)
-  t_tok = models.load_tokenizer(config.teacher.path)
-  s_tok = models.load_tokenizer(config.student.path,
-                                chat_template_kwargs=config.data.chat_template_kwargs)
-  vocab_size = models.check_same_tokenizer(
-      t_tok, s_tok, models.load_config(config.teacher.path).vocab_size,
-      models.load_config(config.student.path).vocab_size)
+  s_tok, vocab_size = student_lib.run_tokenizer(config)
   stream = data_lib.PromptStream.from_config(config, s_tok)
   if config.data.num_epochs:
     run_guard.check_prompt_supply(config, stream.source.num_rows(), upper_bound=True)
