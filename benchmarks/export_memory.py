@@ -16,7 +16,7 @@ the bytes of the safetensors files written, next to the same command on the demo
 (0.18M parameters: the interpreter's own baseline).
 
 Measured (2 CPU cores, 16 layers, 1.117B parameters, bfloat16 master weights, default
---max_shard_size=1GB): 2.758 GB peak for 2.233 GB written (1.23x); the demo student's 0.550 GB.
+--max_shard_size=1GB): 2.224 GB peak for 2.233 GB written (1.00x); the demo student's 0.531 GB.
 The largest term after one file's tensors is reading the embedding: tensorstore holds the
 compressed chunk, the decoded chunk and the output (about 3.5x the tensor) while it reads a
 tensor saved as one chunk (a run on one device); a sharded run saves one chunk per shard.
@@ -25,7 +25,6 @@ tensor saved as one chunk (a run on one device); a sharded run saves one chunk p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from flax import nnx
 
 from tropd_jax import checkpoint as ckpt_lib
 from tropd_jax import config as config_lib
-from tropd_jax import models
+from tropd_jax import models, run_guard
 from tropd_jax import train_step as ts
 from tropd_jax.demo import ASSETS
 
@@ -57,7 +56,7 @@ def make_run(root: str, layers: int, master_dtype: str) -> str:
     shutil.copy(os.path.join(ASSETS, "student", name), student_dir)
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config.workdir, config.student.path, config.student.dtype = workdir, student_dir, master_dtype
-  config_lib.save_run_config(config)
+  run_guard.record_run_config(config)
 
   model = models.abstract_model(cfg)
   rng = np.random.default_rng(0)
@@ -70,7 +69,7 @@ def make_run(root: str, layers: int, master_dtype: str) -> str:
   params = nnx.state(model, nnx.Param)
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", every=1, keep=1,
                                        async_save=False)
-  state = dataclasses.asdict(ts.TrainState(params, {}, np.int32(1)))  # As train.py saves it.
+  state = ts.TrainState(params, {}, np.int32(1)).as_dict()  # As train.py saves it.
   checkpointer.save(1, state, {"step": 1}, force=True)
   checkpointer.close()
   print(f"made {workdir}: {cfg.num_params() / 1e9:.3f}B parameters in {master_dtype} "
@@ -124,14 +123,13 @@ def make_demo_run(workdir: str) -> None:
   """A float32 checkpoint of the demo student, as a run of configs/demo.py saves it."""
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config.workdir = workdir
-  config_lib.save_run_config(config)
+  run_guard.record_run_config(config)
   student = models.from_pretrained(config.student.path, dtype="float32")
   params = nnx.state(student, nnx.Param)
-  tx = ts.make_optimizer(lr=1e-5, schedule="constant", warmup_steps=0, steps=10,
-                         weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0)
+  tx = config_lib.settings(config).optimizer.make()
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", every=1, keep=1,
                                        async_save=False)
-  state = dataclasses.asdict(ts.TrainState(params, tx.init(params), np.int32(1)))
+  state = ts.TrainState(params, tx.init(params), np.int32(1)).as_dict()
   checkpointer.save(1, state, {"step": 1}, force=True)
   checkpointer.close()
 
