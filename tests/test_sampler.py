@@ -136,7 +136,7 @@ def test_top_k_top_p_stay_in_their_set(top_k, top_p, temperature, jax_models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1), (1, 4, 2)])
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])  # data x fsdp x tensor
 def test_sharded_greedy_matches_one_device(shape, checkpoints, jax_models):
   path, _ = checkpoints["qwen3"]
   prompts = ragged_prompts(np.random.RandomState(3), [4, 7, 1, 5, 6, 3, 2, 7])

@@ -55,12 +55,13 @@ def _params(workdir_model):
     ["opd", "tropd", "topk_fkl", "jsd", "entropy_opd", "eopd", "clip_outlier", "mask_outlier",
      "fkl_outlier"]))
 def test_loop_runs_every_objective(checkpoints, tmp_path, objective):
-  config = tiny_config(checkpoints, tmp_path / "run", objective, steps=2)
+  steps = 2 if objective == "tropd" else 1  # Guidance anneals to no prefix at the last step.
+  config = tiny_config(checkpoints, tmp_path / "run", objective, steps=steps)
   before = _params(models.from_pretrained(str(checkpoints / "student")))
   last = train.run_training(config)
   assert np.isfinite(last["loss"]) and last["finite"] == 1
   records = metrics_lib.read_metrics(str(tmp_path / "run"))
-  assert [r["step"] for r in records] == [1, 2]
+  assert [r["step"] for r in records] == list(range(1, steps + 1))
   for field in ("loss", "grad_norm", "rollout/response_length", "tokens_per_s/sample", "rollout/logp_mismatch"):
     assert field in records[-1], field
   if objective in ("tropd", "fkl_outlier"):
@@ -71,7 +72,7 @@ def test_loop_runs_every_objective(checkpoints, tmp_path, objective):
   assert os.listdir(tmp_path / "run" / "tensorboard")
   run = train.setup(config)  # resumes from the final checkpoint
   after = _params(run.student)
-  assert int(run.state.step) == 2
+  assert int(run.state.step) == steps
   assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
