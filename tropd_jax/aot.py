@@ -356,21 +356,24 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     c = model_cfg
     with jax.set_mesh(mesh):
       pallas = paged.resolve_impl(cfg.attention, c.head_dim) == "pallas"
-    # As the engine: the Pallas kernel one program for all lengths; the XLA path gathers the
-    # pages that cover the mean live row.
-    bucket = width if pallas else min(
-        _pow2(-(-int(live_tokens + cfg.chunk_steps) // cfg.page_size)), width)
+    # As the engine: the Pallas kernel one program for all lengths; the XLA path reads the
+    # live pages of every slot, here rows of the mean live length.
+    live = None if pallas else engine_lib.live_pages_bucket(
+        slots // shards * -(-int(live_tokens + cfg.chunk_steps) // cfg.page_size),
+        slots // shards, width)
     with mesh_lib.use_rules(rules):
       d_args = (graph, params, state_sds, row((slots, width), jnp.int32, ("batch", None)),
                 jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                 row((slots,), jnp.bool_, ("batch",)))
     # The Pallas kernel reads a row's live pages in place; XLA cannot see into it.
     kv_read = (slots / shards) * live_tokens * 2 * c.num_layers * c.num_kv_heads * c.head_dim \
-        * compute.itemsize / max(_kv_head_shards(mesh, c, rules), 1) if pallas else 0.0
+        * compute.itemsize / layout_lib.kv_head_shards(mesh, rules, c.num_kv_heads) \
+        if pallas else 0.0
+    reads = "each row's live pages" if pallas else f"{live} live pages per shard"
     compiler.compile(f"{prefix}/decode", f"{slots} slots, {cfg.chunk_steps} steps a call, "
-                     f"attention over {bucket} pages", iterations if per_step else 0.0,
+                     f"attention over {reads}", iterations if per_step else 0.0,
                      engine_lib._decode, *d_args, config=cfg, rules=_rules_key(rules),
-                     pages_bucket=bucket, resident=resident, inside=inside,
+                     pages_bucket=None, live_pages=live, resident=resident, inside=inside,
                      trip_count=1, note="per decode step")
     phase = compiler.phases[-1]
     phase.seconds, phase.bound_by = _decode_iteration(phase, chip, kv_read)
@@ -465,21 +468,8 @@ def _pool_pages(scfg, slots: int, width: int, shards: int) -> int:
   return -(-pages // shards) * shards
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, math.ceil(math.log2(max(n, 1))))
-
-
 def _rules_key(rules) -> tuple:
   return tuple(sorted((k, tuple(v)) for k, v in rules.items()))
-
-
-def _kv_head_shards(mesh, cfg, rules) -> int:
-  with mesh_lib.use_rules(rules):
-    spec = mesh_lib.logical_to_spec(("kv_heads",), (cfg.num_kv_heads,), mesh)[0]
-  if spec is None:
-    return 1
-  axes = spec if isinstance(spec, tuple) else (spec,)
-  return math.prod(mesh.shape[a] for a in axes)
 
 
 def _engine_state(model_cfg, cfg, mesh, rules, slots: int, pages: int, width: int):

@@ -144,9 +144,11 @@ def choose_decode_layout(settings: config_lib.Settings, mesh, state, teacher_par
   scfg = r.sampler(stop_ids=(), pad_id=0, vocab_size=vocab_size)
   pool_tokens = (scfg.num_pages * scfg.page_size if scfg.num_pages
                  else r.slots * scfg.max_row_tokens)
-  kv_per_token = _kv_bytes_per_token(state.params, settings.student.compute_dtype)
-  kv_heads = next(x.shape[1] for path, x in jax.tree_util.tree_leaves_with_path(state.params)
-                  if "k_DGH" in jax.tree_util.keystr(path))
+  k_DGH = [x for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+           if "k_DGH" in jax.tree_util.keystr(path)]  # one per layer
+  kv_heads = k_DGH[0].shape[1]
+  kv_per_token = (sum(2 * x.shape[1] * x.shape[2] for x in k_DGH)
+                  * np.dtype(settings.student.compute_dtype).itemsize)
   kv_per_chip = pool_tokens * kv_per_token // layout_lib.pool_shards(mesh, "replicated",
                                                                      kv_heads)
   resident = layout_lib.chip_bytes(state) + layout_lib.chip_bytes(teacher_params)
@@ -156,13 +158,6 @@ def choose_decode_layout(settings: config_lib.Settings, mesh, state, teacher_par
       hbm=layout_lib.hbm_bytes(mesh))
   log.info("decode layout: %s (%s)", layout, why)
   return layout
-
-
-def _kv_bytes_per_token(params, dtype) -> int:
-  """Bytes of one token's keys and values over all layers, from the k projection's shape."""
-  per_layer = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
-               if "k_DGH" in jax.tree_util.keystr(path)]
-  return sum(2 * x.shape[1] * x.shape[2] for x in per_layer) * np.dtype(dtype).itemsize
 
 
 def _check_batch_axes(settings: config_lib.Settings, mesh) -> None:

@@ -328,13 +328,15 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def _bucket_at_least(n: int) -> int:
-  """The smallest of 1, 2, 3 and 2 or 3 times a power of two that is at least ``n``: a shape at
-  most 50 % larger than needed, two programs per doubling (each is a compilation)."""
-  if n <= 3:
-    return max(n, 1)
-  shift = (n - 1).bit_length() - 2
-  return -(-n >> shift) << shift
+def live_pages_bucket(pages: int, slots_local: int, width: int) -> int:
+  """The ``live_pages`` of a decode call whose shards hold at most ``pages`` live pages: the
+  smallest of 1, 2, 3 and 2 or 3 times a power of two that holds them (at most 50 % more than
+  needed, two programs per doubling: each is a compilation), at most every page of every slot."""
+  n = max(pages, 1)
+  if n > 3:
+    shift = (n - 1).bit_length() - 2
+    n = -(-n >> shift) << shift
+  return min(n, slots_local * width)
 
 
 class Engine:
@@ -607,23 +609,21 @@ class _Scheduler:
         if self.queue:  # every row was put back: the pool holds none of them
           raise RuntimeError("the KV-cache pool cannot hold a waiting row; raise num_pages.")
         break
-      reach = max(int(self.lengths[g]) + steps + 1 for g in busy)
       # The Pallas kernel reads each row's live pages itself: one program for every length.
-      bucket = (self.width if self.pallas
-                else min(_pow2_at_least(self._pages_for(reach)), self.width))
+      # XLA: the live pages of all slots in one list per shard, its length from a few sizes.
       live = None
-      if not self.pallas:  # XLA: the live pages of all slots in one list, per shard.
+      if not self.pallas:
         pages = [sum(min(self._pages_for(int(self.lengths[g]) + steps + 1), self.width)
                      if self.slot_row[shard][g % self.slots_local] is not None else 1
                      for g in range(shard * self.slots_local, (shard + 1) * self.slots_local))
                  for shard in range(self.shards)]
-        live = min(_bucket_at_least(max(pages)), self.slots_local * self.width)
+        live = live_pages_bucket(max(pages), self.slots_local, self.width)
       min_ended = (max(1, math.ceil(self.cfg.refill_fraction * slots)) if self.queue
                    else slots + 1)
       state, status = _decode(
           self.engine.graphdef, self.engine.params, state, put(self.page_table, _ROW_AXES),
           np.int32(steps), np.int32(min_ended), put(self.release, _SLOT_AXES),
-          config=self.cfg, rules=self.engine.rules, pages_bucket=bucket, live_pages=live)
+          config=self.cfg, rules=self.engine.rules, pages_bucket=None, live_pages=live)
       self.release[:] = False
       done, count, lengths, ran = map(_host, status)
       self.decode_calls += 1

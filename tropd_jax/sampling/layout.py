@@ -86,16 +86,25 @@ def choose(requested: str, *, weight_bytes: int, kv_bytes_per_chip: int, residen
                     f"of {gib(hbm)}")
 
 
+def kv_head_shards(mesh, rules, num_kv_heads: int) -> int:
+  """Chips that split ``num_kv_heads`` kv heads under the logical-axis table ``rules``."""
+  if mesh is None:
+    return 1
+  with mesh_lib.use_rules(rules):
+    spec = mesh_lib.logical_to_spec(("kv_heads",), (num_kv_heads,), mesh)[0]
+  axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def pool_shards(mesh, layout: str, num_kv_heads: int) -> int:
   """Chips that split the KV pool in ``layout``: its rows over the ``batch`` axes, its kv heads
   over the axes they divide."""
   if mesh is None:
     return 1
-  with mesh_lib.use_rules(mesh_lib.DECODE_RULES[layout]):
+  rules = mesh_lib.DECODE_RULES[layout]
+  with mesh_lib.use_rules(rules):
     rows = mesh_lib.batch_shards(mesh)
-    spec = mesh_lib.logical_to_spec(("kv_heads",), (num_kv_heads,), mesh)[0]
-  axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
-  return rows * math.prod(mesh.shape[a] for a in axes)
+  return rows * kv_head_shards(mesh, rules, num_kv_heads)
 
 
 def param_shardings(params, mesh, layout: str):
