@@ -77,28 +77,57 @@ def test_xla_equals_reference_and_contiguous_attend(g, q):
   np.testing.assert_allclose(_paged(c, impl="xla"), want, atol=2e-6)
 
 
+def _live_step(c, lengths_B, num_entries, spare=0):
+  """Gathers each row's pages (``spare`` more than its length needs, as for a decode call's
+  growth), writes one token per row at ``lengths_B - 1`` and attends over the rows."""
+  z = c["k_pages"].shape[2]
+  pages_B = -(-lengths_B // z) + spare
+  live = pa.gather_live((c["k_pages"],), (c["v_pages"],), c["table"], lengths_B - 1, pages_B,
+                        num_entries)
+  out, live = live.write_attend(0, c["q"], c["new_BGH"], c["new_BGH"] + 1)
+  return out, live.scatter((c["k_pages"],), (c["v_pages"],))
+
+
+def _pool_step(c, lengths_B):
+  """The same on the pool: write_decode, then the reference attention."""
+  k = pa.write_decode(c["k_pages"], c["new_BGH"], c["table"], lengths_B - 1)
+  v = pa.write_decode(c["v_pages"], c["new_BGH"] + 1, c["table"], lengths_B - 1)
+  return pa.paged_attention_reference(c["q"], k, v, lengths_B, c["table"]), (k, v)
+
+
 @pytest.mark.parametrize("g,q", [(1, 1), (2, 2), (4, 3)])
-def test_xla_live_pages_equal_the_reference(g, q):
-  """Every row's live pages in one flat list (zero-length rows, spare entries) = the reference."""
+def test_live_pages_equal_the_reference(g, q):
+  """A decode step on the flat copy of the rows' pages (zero-length rows, spare entries), and
+  the pages put back, equal the step on the pool."""
   c = _case(g=g, q=q, lengths=(1, 16, 0, 12, 5, 4), seed=g * 7 + q)
-  want = pa.paged_attention_reference(c["q"], c["k_pages"], c["v_pages"], c["lengths"],
-                                      c["table"])
-  need = int(sum(-(-length // 4) for length in c["lengths"]))  # 1 + 4 + 0 + 3 + 2 + 1 = 11
-  for live in (need, need + 5):
-    np.testing.assert_allclose(_paged(c, impl="xla", live_pages=live), want, atol=2e-6)
-  short = np.asarray(_paged(c, impl="xla", live_pages=need - 1))  # The last row loses a page.
-  np.testing.assert_allclose(short[:5], np.asarray(want)[:5], atol=2e-6)
-  with pytest.raises(ValueError, match="live_pages=0"):
-    _paged(c, impl="xla", live_pages=0)
+  rng = np.random.RandomState(g)
+  c["new_BGH"] = rng.randn(6, g, 16).astype(np.float32)
+  lengths = np.maximum(c["lengths"], 1)  # each row writes its last token at lengths - 1
+  lengths[2] = 0  # an idle slot: writes nothing, reads nothing
+  c["table"][2] = pa.SCRATCH_PAGE
+  want, (k_want, v_want) = _pool_step(c, lengths)
+  need = int(sum(-(-length // 4) for length in lengths))  # 1 + 4 + 0 + 3 + 2 + 1 = 11
+  for entries in (need, need + 5):
+    out, (k, v) = _live_step(c, lengths, entries)
+    np.testing.assert_allclose(out, want, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(k[0])[:, 1:], np.asarray(k_want)[:, 1:])
+    np.testing.assert_array_equal(np.asarray(v[0])[:, 1:], np.asarray(v_want)[:, 1:])
+  short, _ = _live_step(c, lengths, need - 1)  # The last row loses its page.
+  np.testing.assert_allclose(np.asarray(short)[:5], np.asarray(want)[:5], atol=2e-6)
+  with pytest.raises(ValueError, match="num_entries=0"):
+    _live_step(c, lengths, 0)
 
 
-def test_xla_live_pages_cost_follows_the_total_length():
+def test_live_pages_cost_follows_the_entries():
   c = _case(lengths=(3, 5, 2, 7), pages_per_row=16, seed=5)
+  c["new_BGH"] = np.zeros((4, 2, 16), np.float32)
   costs = {}
-  for live in (8, 32):
-    fn = jax.jit(lambda *a, n=live: pa.paged_attention(*a, impl="xla", live_pages=n))
-    compiled = fn.lower(c["q"], c["k_pages"], c["v_pages"], c["lengths"], c["table"]).compile()
-    costs[live] = compiled.cost_analysis()
+  for entries in (8, 32):
+    fn = jax.jit(lambda *a, n=entries: pa.LivePages.write_attend(
+        pa.gather_live(a[1], a[2], a[3], a[4], a[5], n), 0, a[0], a[6], a[6])[0])
+    compiled = fn.lower(c["q"], (c["k_pages"],), (c["v_pages"],), c["table"], c["lengths"],
+                        np.full(4, 2, np.int32), c["new_BGH"]).compile()
+    costs[entries] = compiled.cost_analysis()
   assert 3 < costs[32]["flops"] / costs[8]["flops"] < 5
 
 
@@ -253,13 +282,22 @@ def _sharded_case(shards, slots_per_shard=2, pages_per_shard=9, g=2, q=2, z=4, h
 
 
 def _step(c, table, lengths_B, impl, live_pages=None):
-  """Prefill a chunk after each row's tokens, decode one more, attend over the grown rows."""
+  """Prefill a chunk after each row's tokens, decode one more, attend over the grown rows
+  (``live_pages``: through a ``LivePages`` copy of that many entries per shard)."""
   start = jnp.maximum(lengths_B - 8, 0)
-  pages = pa.write_prefill(c["k_pages"], c["new_BTGH"], table, start, c["mask"])
-  pages = pa.write_decode(pages, c["new_BGH"], table, lengths_B - 1)
-  out = pa.paged_attention(c["q"], pages, c["v_pages"], lengths_B, table, impl=impl,
-                           pages_bucket=4, live_pages=live_pages)
-  return pages, out
+  k_pages = pa.write_prefill(c["k_pages"], c["new_BTGH"], table, start, c["mask"])
+  v_pages, new_v_BGH = c["v_pages"], c["new_BGH"] + 1
+  if live_pages is not None:
+    live = pa.gather_live((k_pages,), (v_pages,), table, lengths_B - 1,
+                          -(-lengths_B // k_pages.shape[2]), live_pages)
+    out, live = live.write_attend(0, c["q"], c["new_BGH"], new_v_BGH)
+    (k_pages,), (v_pages,) = live.scatter((k_pages,), (v_pages,))
+    return (k_pages, v_pages), out
+  k_pages = pa.write_decode(k_pages, c["new_BGH"], table, lengths_B - 1)
+  v_pages = pa.write_decode(v_pages, new_v_BGH, table, lengths_B - 1)
+  out = pa.paged_attention(c["q"], k_pages, v_pages, lengths_B, table, impl=impl,
+                           pages_bucket=4)
+  return (k_pages, v_pages), out
 
 
 @pytest.mark.parametrize("impl", ["xla", "xla_live", "pallas"])
@@ -268,17 +306,19 @@ def test_eight_devices_equal_one(impl):
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   assert pa.page_shards(mesh) == 4
   c = _sharded_case(shards=4)
-  live = 32 if impl == "xla_live" else None  # Holds every page of the 8 rows (one device).
+  live = 8 if impl == "xla_live" else None  # Holds every page of a shard's 2 rows.
   impl = impl.removesuffix("_live")
   step = jax.jit(lambda table, lengths: _step(c, table, lengths, impl, live))
-  pages_1, out_1 = step(c["glob"], c["lengths"])
+  pages_1, out_1 = step(c["glob"], c["lengths"]) if live is None else jax.jit(
+      lambda table, lengths: _step(c, table, lengths, impl, 32))(c["glob"], c["lengths"])
   with jax.set_mesh(mesh):
     pages_8, out_8 = step(c["local"], c["lengths"])
   assert len(out_8.sharding.device_set) == 8
   np.testing.assert_allclose(out_8, out_1, atol=1e-6)
   keep = np.setdiff1d(np.arange(c["k_pages"].shape[1]), c["scratch"])
-  np.testing.assert_array_equal(np.asarray(pages_8)[:, keep], np.asarray(pages_1)[:, keep])
-  ref = pa.paged_attention_reference(c["q"], pages_1, c["v_pages"], c["lengths"], c["glob"])
+  for p8, p1 in zip(pages_8, pages_1):
+    np.testing.assert_array_equal(np.asarray(p8)[:, keep], np.asarray(p1)[:, keep])
+  ref = pa.paged_attention_reference(c["q"], *pages_1, c["lengths"], c["glob"])
   np.testing.assert_allclose(out_1, ref, atol=3e-2 if impl == "pallas" else 2e-6)
 
 
@@ -298,7 +338,7 @@ def test_sharded_writes_and_attention_need_no_collective():
                q=q), table, lengths, "xla"),
       in_shardings=(shard.k_pages[0], rows(None, "tensor", None), rows("tensor", None),
                     rows(None), q_shard, shard.page_table_BP, shard.lengths_B),
-      out_shardings=(shard.k_pages[0], q_shard))
+      out_shardings=((shard.k_pages[0],) * 2, q_shard))
   with jax.set_mesh(mesh):
     compiled = fn.lower(c["k_pages"], c["new_BTGH"], c["new_BGH"], c["mask"], c["q"],
                         c["local"], c["lengths"]).compile()

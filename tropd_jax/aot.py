@@ -373,7 +373,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     compiler.compile(f"{prefix}/decode", f"{slots} slots, {cfg.chunk_steps} steps a call, "
                      f"attention over {reads}", iterations if per_step else 0.0,
                      engine_lib._decode, *d_args, config=cfg, rules=_rules_key(rules),
-                     pages_bucket=None, live_pages=live, resident=resident, inside=inside,
+                     live_pages=live, resident=resident, inside=inside,
                      trip_count=1, note="per decode step")
     phase = compiler.phases[-1]
     phase.seconds, phase.bound_by = _decode_iteration(phase, chip, kv_read)

@@ -1,7 +1,8 @@
 """Paged KV cache for continuous batching: the pool, its writes, and decode attention over it.
 
 Shape key (tropd_jax/__init__.py): B decode slots, T positions of a prefill chunk, N query
-heads, G kv heads, Q = N // G, H head dim, P pages, Z tokens per page, S key positions.
+heads, G kv heads, Q = N // G, H head dim, P pages, Z tokens per page, S key positions, E
+entries of a decode call's live-page list.
 
 Layout. Per layer, keys and values live in a shared pool of pages ``[G, P, Z, H]`` (the layout
 of jax's Pallas TPU paged-attention kernel). ``page_table_BP[b, j]`` is the pool page holding
@@ -18,17 +19,24 @@ means global page ``s·P/n + i``, and local page 0 of every shard is that shard'
 The page allocator must therefore give a slot pages from its own shard's range only.
 
 Decode attention implementations (``impl``):
-  ``xla``     with ``live_pages``: attends over the live pages of all rows flattened into one
-              list (``live_pages`` entries per shard, a softmax per row over its own pages):
-              cost follows the rows' total live length. Without it: gathers the first
-              ``pages_bucket`` page-table columns of every row and masks positions past the
-              row's length: cost follows the longest row.
+  ``xla``     gathers the first ``pages_bucket`` page-table columns of every row and masks
+              positions past the row's length: cost follows the longest row. The engine's
+              XLA decode loop reads ``LivePages`` instead (below).
   ``pallas``  jax's Pallas TPU paged-attention kernel (reads only a row's live pages, in blocks
               of pages); compiled by Mosaic on TPU, run in Pallas' TPU interpret mode elsewhere
               (slow: tests only). It rounds keys and values to bfloat16 inside, whatever the
               pool's dtype.
   ``auto``    ``pallas`` when compiling for a TPU (and H is a multiple of 128, which Mosaic
               needs for the kernel), else ``xla``.
+
+Live pages (the XLA decode loop). A decode call knows, before its first step, every page its
+rows can touch (each busy row's pages up to ``lengths + steps``). ``gather_live`` copies them
+once into one flat list of ``E`` entries per shard (a row's pages in order, rows one after
+the other); the steps write their tokens into that copy and attend over it (a softmax per row
+over its own entries: cost follows the rows' total live length, not the longest row, and no
+page is gathered per step); ``LivePages.scatter`` puts the pages back into the pool after the
+last step. Keys are held ``[E, G, H, Z]`` (positions minor), the layout in which XLA:CPU's
+batched dot of a query against a page is fastest.
 """
 
 from __future__ import annotations
@@ -135,6 +143,18 @@ class PagedKVCache:
   def max_pages_per_row(self) -> int:
     return self.page_table_BP.shape[1]
 
+  def write_attend(self, layer: int, q_BNH, k_BGH, v_BGH, *, impl: str,
+                   pages_bucket: int | None = None) -> tuple[jax.Array, PagedKVCache]:
+    """Caches one token per slot at ``lengths_B`` in ``layer``, then attends over each row's
+    first ``lengths_B + 1`` tokens; returns ``(out_BNH, cache)`` (``lengths_B`` unchanged)."""
+    k = write_decode(self.k_pages[layer], k_BGH, self.page_table_BP, self.lengths_B)
+    v = write_decode(self.v_pages[layer], v_BGH, self.page_table_BP, self.lengths_B)
+    out_BNH = paged_attention(q_BNH, k, v, self.lengths_B + 1, self.page_table_BP, impl=impl,
+                              pages_bucket=pages_bucket)
+    put = lambda pages, x: pages[:layer] + (x,) + pages[layer + 1:]
+    return out_BNH, dataclasses.replace(self, k_pages=put(self.k_pages, k),
+                                        v_pages=put(self.v_pages, v))
+
   def shardings(self, mesh) -> PagedKVCache:
     """The cache's ``NamedSharding``s on ``mesh`` (of arrays or ``ShapeDtypeStruct``s)."""
     _check_divides(page_shards(mesh), self.num_slots, self.num_pages)
@@ -163,15 +183,18 @@ def _check_divides(shards: int, num_slots: int, num_pages: int) -> None:
 
 
 def _per_shard(fn, args, specs, out_spec):
-  """``fn(*args)``, per shard under the current mesh (``specs``: functions of the mesh)."""
+  """``fn(*args)``, per shard under the current mesh (``specs``: functions of the mesh and its
+  batch axes, or tuples of them for tuple arguments; ``out_spec``: one such function)."""
   mesh = mesh_lib.current_mesh()
   if mesh is None:
     return fn(*args)
   batch = tuple(a for a in mesh_lib.active_rules()["batch"] if mesh.shape[a] > 1)
   batch = batch[0] if len(batch) == 1 else (batch or None)
+  resolve = lambda spec: (tuple(map(resolve, spec)) if isinstance(spec, tuple)
+                          else spec(mesh, batch))
   return jax.shard_map(
-      fn, mesh=mesh, in_specs=tuple(spec(mesh, batch) for spec in specs),
-      out_specs=out_spec(mesh, batch), check_vma=False)(*args)
+      fn, mesh=mesh, in_specs=resolve(tuple(specs)), out_specs=out_spec(mesh, batch),
+      check_vma=False)(*args)
 
 
 def _heads(mesh, num_kv_heads: int):
@@ -300,8 +323,8 @@ def resolve_impl(impl: str, head_dim: int) -> str:
 
 
 def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP, *, impl: str,
-                    pages_bucket: int | None = None, live_pages: int | None = None,
-                    interpret: bool | None = None, pages_per_compute_block: int | None = None):
+                    pages_bucket: int | None = None, interpret: bool | None = None,
+                    pages_per_compute_block: int | None = None):
   """Decode attention: one query per slot over the first ``lengths_B`` tokens of its row.
 
   Softmax in float32, scale ``H**-0.5``, grouped heads (query head ``n`` reads kv head
@@ -316,9 +339,6 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
     pages_bucket: read only the first ``pages_bucket`` page-table columns (static; default:
       all). It must cover every row: ``lengths_B <= pages_bucket·Z`` (longer rows would read
       only their first ``pages_bucket·Z`` tokens).
-    live_pages: ``xla`` only (static): attend over the rows' live pages as one flat list of
-      this many entries per shard; it must hold them all (``sum(ceil(lengths_B / Z))`` of a
-      shard's slots; rows past it would read fewer of their tokens).
     interpret: run the Pallas kernel in Pallas' TPU interpreter; default: unless the target
       is a TPU.
     pages_per_compute_block: pages per block of the Pallas kernel; it must divide the
@@ -344,11 +364,8 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
   if not isinstance(pages_bucket, int) or not 1 <= pages_bucket <= width:
     raise ValueError(f"paged_attention: pages_bucket={pages_bucket!r} must be an integer in "
                      f"[1, {width}] (the page table's width).")
-  if live_pages is not None and (not isinstance(live_pages, int) or live_pages < 1):
-    raise ValueError(f"paged_attention: live_pages={live_pages!r} must be a positive integer.")
   if impl == "xla":
-    local = (_attend_xla if live_pages is None
-             else functools.partial(_attend_xla_live, live_pages=live_pages))
+    local = _attend_xla
   else:
     if pages_per_compute_block is None:
       most = max(1, PALLAS_BLOCK_TOKENS // z)
@@ -395,42 +412,6 @@ def _attend_xla(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP):
   return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
 
 
-def _attend_xla_live(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP, *,
-                     live_pages: int):
-  """Attention over the live pages of every row as one flat list of ``live_pages`` (``L``)
-  entries: entry ``l`` is page ``ord_L[l]`` of row ``row_L[l]``; each row's softmax runs over
-  its own entries (segment max and sum). Entries past the rows' pages read the scratch page,
-  masked."""
-  b, n, h = q_BNH.shape
-  g, _, z, _ = k_pages_GPZH.shape
-  width = page_table_BP.shape[1]
-  pages_B = jnp.minimum(-(-lengths_B // z), width)
-  ends_B = jnp.cumsum(pages_B)
-  row_L = jnp.searchsorted(ends_B, jnp.arange(live_pages), side="right")  # b: no row
-  live_L = row_L < b
-  row_L = jnp.minimum(row_L, b - 1)
-  ord_L = jnp.arange(live_pages) - (ends_B - pages_B)[row_L]
-  page_L = jnp.where(live_L, page_table_BP[row_L, jnp.clip(ord_L, 0, width - 1)], SCRATCH_PAGE)
-  k_GLZH, v_GLZH = k_pages_GPZH[:, page_L], v_pages_GPZH[:, page_L]
-  q_LGQH = q_BNH[row_L].reshape(live_pages, g, n // g, h)
-  logits_LGQZ = jnp.einsum(
-      "LGQH,GLZH->LGQZ", q_LGQH, k_GLZH, preferred_element_type=jnp.float32) * (h**-0.5)
-  position_LZ = ord_L[:, None] * z + jnp.arange(z)[None]
-  valid_LZ = live_L[:, None] & (position_LZ < lengths_B[row_L][:, None])
-  logits_LGQZ = jnp.where(valid_LZ[:, None, None], logits_LGQZ, jnp.finfo(jnp.float32).min)
-  segment_L = jnp.where(live_L, row_L, b)  # Entries of no row go to an extra segment.
-  max_BGQ = jax.ops.segment_max(logits_LGQZ.max(-1), segment_L, num_segments=b + 1)[:b]
-  probs_LGQZ = jnp.where(valid_LZ[:, None, None],
-                         jnp.exp(logits_LGQZ - max_BGQ[row_L][..., None]), 0.0)
-  sum_BGQ = jax.ops.segment_sum(probs_LGQZ.sum(-1), segment_L, num_segments=b + 1)[:b]
-  part_LGQH = jnp.einsum("LGQZ,GLZH->LGQH", probs_LGQZ.astype(v_GLZH.dtype), v_GLZH,
-                         preferred_element_type=jnp.float32)
-  out_BGQH = jax.ops.segment_sum(part_LGQH, segment_L, num_segments=b + 1)[:b]
-  out_BGQH = out_BGQH / jnp.maximum(sum_BGQ, jnp.finfo(jnp.float32).tiny)[..., None]
-  out_BGQH = jnp.where(lengths_B[:, None, None, None] > 0, out_BGQH, 0.0)
-  return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
-
-
 def _attend_pallas(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP, *,
                    block_pages: int, interpret: bool):
   """jax's Pallas TPU paged-attention kernel (it reads only each row's live pages)."""
@@ -464,3 +445,179 @@ def paged_attention_reference(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page
   probs_BNS = jax.nn.softmax(jnp.where(valid_BS[:, None], logits_BNS, -jnp.inf), axis=-1)
   out_BNH = jnp.einsum("BNS,BSNH->BNH", jnp.nan_to_num(probs_BNS), v_BSNH)
   return out_BNH.astype(q_BNH.dtype)
+
+
+# --- Live pages: a decode call's working copy of its rows' pages (the XLA path) ------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LivePages:
+  """The pages a decode call's rows can touch, copied out of the pool as one flat list.
+
+  Entry ``e`` is page ``ord_E[e]`` of slot ``row_E[e]``'s row; slot ``b`` owns entries
+  ``start_B[b] … start_B[b] + pages_B[b] - 1``. Under a mesh every array is split over the
+  ``batch`` mesh axes (``E`` entries and their slots per shard, indices local to the shard)
+  and the kv heads over ``tensor`` as the pool's.
+
+  Attributes:
+    k_EGHZ: per layer, keys (positions minor).
+    v_EGZH: per layer, values.
+    page_E: int32 pool page of each entry (the scratch page where no row's).
+    row_E: int32 slot of each entry (``B``, an extra segment, where no row's).
+    ord_E: int32 which page of its row each entry is.
+    start_B: int32 each slot's first entry.
+    pages_B: int32 each slot's entries.
+    lengths_B: int32 tokens in the cache per slot (the next token's position).
+  """
+
+  k_EGHZ: tuple[jax.Array, ...]
+  v_EGZH: tuple[jax.Array, ...]
+  page_E: jax.Array
+  row_E: jax.Array
+  ord_E: jax.Array
+  start_B: jax.Array
+  pages_B: jax.Array
+  lengths_B: jax.Array
+
+  @property
+  def num_entries(self) -> int:
+    """Entries of the list (all shards)."""
+    return self.page_E.shape[0]
+
+  def write_attend(self, layer: int, q_BNH, k_BGH, v_BGH) -> tuple[jax.Array, LivePages]:
+    """As ``PagedKVCache.write_attend``, on the working copy."""
+    q_BNH, k_BGH, v_BGH = map(jnp.asarray, (q_BNH, k_BGH, v_BGH))
+    spec = _LiveSpecs(k_BGH.shape[1])
+    k, v = _per_shard(
+        _write_live, (self.k_EGHZ[layer], self.v_EGZH[layer], k_BGH, v_BGH, self.start_B,
+                      self.pages_B, self.lengths_B),
+        (spec.entries, spec.entries, spec.heads, spec.heads, spec.slots, spec.slots,
+         spec.slots),
+        lambda m, bt: (spec.entries(m, bt),) * 2)
+    out_BNH = _per_shard(
+        _attend_live, (q_BNH, k, v, self.row_E, self.ord_E, self.lengths_B + 1),
+        (spec.heads, spec.entries, spec.entries, spec.slots, spec.slots, spec.slots),
+        spec.heads)
+    put = lambda pages, x: pages[:layer] + (x,) + pages[layer + 1:]
+    return out_BNH, dataclasses.replace(self, k_EGHZ=put(self.k_EGHZ, k),
+                                        v_EGZH=put(self.v_EGZH, v))
+
+  def scatter(self, k_pages, v_pages) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The pools ``k_pages``, ``v_pages`` (per layer ``[G, P, Z, H]``) with this copy's pages
+    written back."""
+    k_pages, v_pages = tuple(map(jnp.asarray, k_pages)), tuple(map(jnp.asarray, v_pages))
+    spec, n = _LiveSpecs(k_pages[0].shape[0]), len(k_pages)
+    return _per_shard(
+        _scatter_live, (k_pages, v_pages, self.k_EGHZ, self.v_EGZH, self.page_E),
+        ((spec.pool,) * n, (spec.pool,) * n, (spec.entries,) * n, (spec.entries,) * n,
+         spec.slots),
+        lambda m, bt: ((spec.pool(m, bt),) * n,) * 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LiveSpecs:
+  """PartitionSpecs (functions of the mesh and its batch axes) of the live-page arrays."""
+
+  num_kv_heads: int
+
+  def pool(self, mesh, batch):
+    return PartitionSpec(_heads(mesh, self.num_kv_heads), batch, None, None)
+
+  def entries(self, mesh, batch):
+    return PartitionSpec(batch, _heads(mesh, self.num_kv_heads), None, None)
+
+  def heads(self, mesh, batch):
+    return PartitionSpec(batch, _heads(mesh, self.num_kv_heads), None)
+
+  def slots(self, mesh, batch):
+    return PartitionSpec(batch)
+
+
+def gather_live(k_pages, v_pages, page_table_BP, lengths_B, pages_B, num_entries: int
+                ) -> LivePages:
+  """Copies each slot's first ``pages_B`` pages out of the pools into a ``LivePages`` of
+  ``num_entries`` (``E``, static) entries per shard.
+
+  Args:
+    k_pages, v_pages: per layer ``[G, P, Z, H]``, the pools.
+    page_table_BP: int32, pool page of each page of each row (local to its shard).
+    lengths_B: int32 tokens in the cache per slot.
+    pages_B: int32 entries per slot (clipped to the table's width); their sum over a shard's
+      slots must not exceed ``num_entries`` (a slot past it would read fewer of its pages).
+    num_entries: static, entries per shard.
+  """
+  if not isinstance(num_entries, int) or num_entries < 1:
+    raise ValueError(f"gather_live: num_entries={num_entries!r} must be a positive integer.")
+  k_pages, v_pages = tuple(map(jnp.asarray, k_pages)), tuple(map(jnp.asarray, v_pages))
+  page_table_BP, lengths_B, pages_B = map(jnp.asarray, (page_table_BP, lengths_B, pages_B))
+  _check_pool(k_pages[0], page_table_BP, lengths_B.shape[0], "gather_live")
+  spec, n = _LiveSpecs(k_pages[0].shape[0]), len(k_pages)
+  pages_B = jnp.clip(pages_B, 0, page_table_BP.shape[1]).astype(jnp.int32)
+  k, v, page_E, row_E, ord_E, start_B = _per_shard(
+      functools.partial(_gather_live, num_entries=num_entries),
+      (k_pages, v_pages, page_table_BP, pages_B),
+      ((spec.pool,) * n, (spec.pool,) * n, lambda m, bt: PartitionSpec(bt, None), spec.slots),
+      lambda m, bt: ((spec.entries(m, bt),) * n, (spec.entries(m, bt),) * n)
+      + (spec.slots(m, bt),) * 4)
+  return LivePages(k, v, page_E, row_E, ord_E, start_B, pages_B, lengths_B.astype(jnp.int32))
+
+
+def _gather_live(k_pages, v_pages, page_table_BP, pages_B, *, num_entries: int):
+  b, width = page_table_BP.shape
+  end_B = jnp.cumsum(pages_B)
+  start_B = end_B - pages_B
+  row_E = jnp.searchsorted(end_B, jnp.arange(num_entries), side="right").astype(jnp.int32)
+  live_E = row_E < b  # b: past every row's entries
+  ord_E = jnp.where(live_E, jnp.arange(num_entries) - start_B[jnp.minimum(row_E, b - 1)], 0)
+  page_E = jnp.where(live_E, page_table_BP[jnp.minimum(row_E, b - 1),
+                                           jnp.clip(ord_E, 0, width - 1)], SCRATCH_PAGE)
+  keys = tuple(jnp.transpose(k[:, page_E], (1, 0, 3, 2)) for k in k_pages)  # [E, G, H, Z]
+  values = tuple(jnp.swapaxes(v[:, page_E], 0, 1) for v in v_pages)  # [E, G, Z, H]
+  return keys, values, page_E.astype(jnp.int32), row_E, ord_E.astype(jnp.int32), \
+      start_B.astype(jnp.int32)
+
+
+def _write_live(k_EGHZ, v_EGZH, k_BGH, v_BGH, start_B, pages_B, pos_B):
+  """One token per slot at ``pos_B``: entry ``start_B + pos // Z``, offset ``pos % Z``; a
+  position past the slot's entries is dropped."""
+  z = k_EGHZ.shape[-1]
+  page_B = pos_B // z
+  entry_B = jnp.where((pos_B >= 0) & (page_B < pages_B), start_B + page_B, k_EGHZ.shape[0])
+  offset_B = pos_B % z
+  k_EGHZ = k_EGHZ.at[entry_B, :, :, offset_B].set(k_BGH.astype(k_EGHZ.dtype), mode="drop")
+  v_EGZH = v_EGZH.at[entry_B, :, offset_B].set(v_BGH.astype(v_EGZH.dtype), mode="drop")
+  return k_EGHZ, v_EGZH
+
+
+def _attend_live(q_BNH, k_EGHZ, v_EGZH, row_E, ord_E, lengths_B):
+  """Each row's softmax over its own entries (segment max and sum; entries of no row form an
+  extra segment)."""
+  b, n, h = q_BNH.shape
+  e, g, _, z = k_EGHZ.shape
+  row = jnp.minimum(row_E, b - 1)
+  q_EGQH = q_BNH[row].reshape(e, g, n // g, h)
+  logits_EGQZ = jnp.einsum("EGQH,EGHZ->EGQZ", q_EGQH, k_EGHZ,
+                           preferred_element_type=jnp.float32) * (h**-0.5)
+  position_EZ = ord_E[:, None] * z + jnp.arange(z)[None]
+  valid_EZ = (row_E < b)[:, None] & (position_EZ < lengths_B[row][:, None])
+  logits_EGQZ = jnp.where(valid_EZ[:, None, None], logits_EGQZ, jnp.finfo(jnp.float32).min)
+  max_BGQ = jax.ops.segment_max(logits_EGQZ.max(-1), row_E, num_segments=b + 1)[:b]
+  probs_EGQZ = jnp.where(valid_EZ[:, None, None],
+                         jnp.exp(logits_EGQZ - max_BGQ[row][..., None]), 0.0)
+  sum_BGQ = jax.ops.segment_sum(probs_EGQZ.sum(-1), row_E, num_segments=b + 1)[:b]
+  part_EGQH = jnp.einsum("EGQZ,EGZH->EGQH", probs_EGQZ.astype(v_EGZH.dtype), v_EGZH,
+                         preferred_element_type=jnp.float32)
+  out_BGQH = jax.ops.segment_sum(part_EGQH, row_E, num_segments=b + 1)[:b]
+  out_BGQH = out_BGQH / jnp.maximum(sum_BGQ, jnp.finfo(jnp.float32).tiny)[..., None]
+  out_BGQH = jnp.where(lengths_B[:, None, None, None] > 0, out_BGQH, 0.0)
+  return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
+
+
+def _scatter_live(k_pages, v_pages, k_EGHZ, v_EGZH, page_E):
+  """Entries of no row are written to the scratch page (several at once: any one wins)."""
+  k_pages = tuple(p.at[:, page_E].set(jnp.transpose(k, (1, 0, 3, 2)).astype(p.dtype))
+                  for p, k in zip(k_pages, k_EGHZ))
+  v_pages = tuple(p.at[:, page_E].set(jnp.swapaxes(v, 0, 1).astype(p.dtype))
+                  for p, v in zip(v_pages, v_EGZH))
+  return k_pages, v_pages

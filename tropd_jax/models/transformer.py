@@ -12,6 +12,7 @@ gives full ``[B, T, V]`` float32 logits for convenience and tests. ``prefill`` a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,19 +45,13 @@ class Block(nnx.Module):
     x_BTD = mesh_lib.shard(x_BTD, _ACT_AXES)
     return mesh_lib.shard(x_BTD + self.mlp(self.mlp_norm(x_BTD)), _ACT_AXES)
 
-  def decode(self, x_B1D, positions_B, inv_freq_h, k_pages_GPZH, v_pages_GPZH, page_table_BP,
-             *, impl: str, pages_bucket: int | None, live_pages: int | None = None):
-    """One token per row at ``positions_B``: its keys and values written to the pages, then
-    attention over the row's first ``positions_B + 1`` tokens."""
+  def decode(self, x_B1D, positions_B, inv_freq_h, write_attend):
+    """One token per row at ``positions_B``. ``write_attend(q_BNH, k_BGH, v_BGH)`` caches the
+    token's keys and values and attends over the row; it returns ``(out_BNH, cache)``."""
     q_B1NH, k_B1GH, v_B1GH = self.attn.qkv(self.attn_norm(x_B1D), positions_B[:, None],
                                            inv_freq_h)
-    k_pages_GPZH = paged.write_decode(k_pages_GPZH, k_B1GH[:, 0], page_table_BP, positions_B)
-    v_pages_GPZH = paged.write_decode(v_pages_GPZH, v_B1GH[:, 0], page_table_BP, positions_B)
-    out_BNH = paged.paged_attention(q_B1NH[:, 0], k_pages_GPZH, v_pages_GPZH, positions_B + 1,
-                                    page_table_BP, impl=impl, pages_bucket=pages_bucket,
-                                    live_pages=live_pages)
-    x_B1D = self._mlp(x_B1D + self.attn.output(out_BNH[:, None]))
-    return x_B1D, k_pages_GPZH, v_pages_GPZH
+    out_BNH, cache = write_attend(q_B1NH[:, 0], k_B1GH[:, 0], v_B1GH[:, 0])
+    return self._mlp(x_B1D + self.attn.output(out_BNH[:, None])), cache
 
 
 @nnx.remat
@@ -161,10 +156,13 @@ class Transformer(nnx.Module):
     h_BD = jnp.take_along_axis(h_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)[:, 0]
     return h_BD, dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages)
 
-  def decode(self, tokens_B: jax.Array, cache: paged.PagedKVCache, *, impl: str = "auto",
-             pages_bucket: int | None = None, live_pages: int | None = None
-             ) -> tuple[jax.Array, paged.PagedKVCache]:
+  def decode(self, tokens_B: jax.Array, cache, **attention_options):
     """One token per row, at position ``cache.lengths_B`` (then cached there).
+
+    Args:
+      tokens_B: int32 the rows' last tokens.
+      cache: a ``paged.PagedKVCache`` (``attention_options``: ``impl``, ``pages_bucket``) or
+        a ``paged.LivePages`` (no options).
 
     Returns ``(h_BD, cache)``: the final-normed hidden state of each new token and the cache
     with its keys and values written (``lengths_B`` is left to the caller: a finished row's
@@ -172,15 +170,11 @@ class Transformer(nnx.Module):
     """
     inv_freq_h = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
     x_B1D = mesh_lib.shard(jnp.take(self.embed_VD[...], tokens_B[:, None], axis=0), _ACT_AXES)
-    k_pages, v_pages = [], []
-    for block, k_p, v_p in zip(self.blocks, cache.k_pages, cache.v_pages):
-      x_B1D, k_p, v_p = block.decode(x_B1D, cache.lengths_B, inv_freq_h, k_p, v_p,
-                                     cache.page_table_BP, impl=impl, pages_bucket=pages_bucket,
-                                     live_pages=live_pages)
-      k_pages.append(k_p)
-      v_pages.append(v_p)
-    h_BD = self.final_norm(x_B1D)[:, 0]
-    return h_BD, dataclasses.replace(cache, k_pages=tuple(k_pages), v_pages=tuple(v_pages))
+    for layer, block in enumerate(self.blocks):
+      x_B1D, cache = block.decode(
+          x_B1D, cache.lengths_B, inv_freq_h,
+          functools.partial(cache.write_attend, layer, **attention_options))
+    return self.final_norm(x_B1D)[:, 0], cache
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Full float32 logits ``[B, T, V]`` (tests and short sequences only)."""

@@ -235,8 +235,7 @@ def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R,
 
 
 def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_ended, release_B,
-           *, config: SamplerConfig, rules, pages_bucket: int | None,
-           live_pages: int | None = None):
+           *, config: SamplerConfig, rules, live_pages: int | None = None):
   """Up to ``max_steps`` decode steps of every busy slot; returns early once ``min_ended``
   rows busy at the start have ended (or when none is busy).
 
@@ -248,10 +247,9 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     max_steps, min_ended: int32 scalars.
     release_B: bool slots to empty first (rows put back in the queue).
     config, rules: static, as ``prefill``.
-    pages_bucket: static, page-table columns decode attention reads (None: all).
-    live_pages: static, entries of the flat list of live pages the XLA decode attention reads
-      per shard (None: ``pages_bucket`` columns of every slot); it must hold every busy slot's
-      pages up to ``lengths + max_steps + 1`` and one page of each other slot.
+    live_pages: static. None: attention reads the pool (the Pallas kernel: each row's live
+      pages). Else the XLA path: entries per shard of the ``paged.LivePages`` copy the steps
+      read and write; it must hold every busy slot's pages up to ``lengths + max_steps + 1``.
 
   Returns:
     ``(state, status)``: status is ``(done_B, count_B, lengths_B, steps)``, replicated.
@@ -264,37 +262,49 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     n = state.tokens_BN.shape[1]
     column_1N = jnp.arange(n)[None]
     keys_B = jax.random.wrap_key_data(state.keys_B)
+    if live_pages is None:
+      kv = paged.PagedKVCache(state.k_pages, state.v_pages, page_table_BP, state.lengths_B)
+      options = dict(impl=config.attention)
+    else:
+      z, width = config.page_size, page_table_BP.shape[1]
+      pages_B = jnp.where(busy_B, jnp.minimum(-(-(state.lengths_B + max_steps + 1) // z), width),
+                          0)
+      kv = paged.gather_live(state.k_pages, state.v_pages, page_table_BP, state.lengths_B,
+                             pages_B, live_pages)
+      options = {}
+    s = dataclasses.replace(state, k_pages=(), v_pages=())
 
     def cond(carry):
-      step, s = carry
+      step, s, _ = carry
       ended = jnp.sum(s.done_B & busy_B)
       return (step < max_steps) & jnp.any(~s.done_B) & (ended < jnp.maximum(min_ended, 1))
 
     def body(carry):
-      step, s = carry
+      step, s, kv = carry
       active_B = ~s.done_B
-      # An idle slot runs at position 0 (its write lands on its first page, or the scratch
-      # page once freed) and attends over one token: it never reads past its own pages.
-      cache = paged.PagedKVCache(s.k_pages, s.v_pages, page_table_BP,
-                                 jnp.where(active_B, s.lengths_B, 0))
-      h_BD, cache = model.decode(s.last_B, cache, impl=config.attention,
-                                 pages_bucket=pages_bucket, live_pages=live_pages)
+      # An idle slot runs at position 0 (its write lands on its first page, the scratch page
+      # once freed, or nowhere) and attends over one token: it never reads past its pages.
+      kv = dataclasses.replace(kv, lengths_B=jnp.where(active_B, s.lengths_B, 0))
+      h_BD, kv = model.decode(s.last_B, kv, **options)
       next_B, logp_B = draw.sample_tokens(model.logits(h_BD[:, None])[:, 0],
                                           draw.token_keys(keys_B, s.count_B), config)
       at_BN = (column_1N == s.count_B[:, None]) & active_B[:, None]
       count_B = s.count_B + active_B.astype(jnp.int32)
       ended_B = draw.is_stop(next_B, config) | (count_B >= s.budget_B)
-      s = DecodeState(
-          k_pages=cache.k_pages, v_pages=cache.v_pages,
-          lengths_B=s.lengths_B + active_B.astype(jnp.int32),
+      s = dataclasses.replace(
+          s, lengths_B=s.lengths_B + active_B.astype(jnp.int32),
           last_B=jnp.where(active_B, next_B, s.last_B),
           tokens_BN=jnp.where(at_BN, next_B[:, None], s.tokens_BN),
           logp_BN=jnp.where(at_BN, logp_B[:, None], s.logp_BN),
-          count_B=count_B, budget_B=s.budget_B, done_B=s.done_B | (active_B & ended_B),
-          keys_B=s.keys_B)
-      return step + 1, s
+          count_B=count_B, done_B=s.done_B | (active_B & ended_B))
+      return step + 1, s, kv
 
-    steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    steps, s, kv = jax.lax.while_loop(cond, body, (jnp.int32(0), s, kv))
+    if live_pages is None:
+      pools = (kv.k_pages, kv.v_pages)
+    else:
+      pools = kv.scatter(state.k_pages, state.v_pages)
+    state = dataclasses.replace(s, k_pages=pools[0], v_pages=pools[1])
     status = tuple(_replicated(x) for x in (state.done_B, state.count_B, state.lengths_B))
     return state, status + (steps,)
 
@@ -306,8 +316,7 @@ def take_rows(tokens_BN, logp_BN, slots_R):
 
 _prefill = jax.jit(prefill, static_argnames=("graphdef", "config", "rules"),
                    donate_argnames=("state",))
-_decode = jax.jit(decode, static_argnames=("graphdef", "config", "rules", "pages_bucket",
-                                           "live_pages"),
+_decode = jax.jit(decode, static_argnames=("graphdef", "config", "rules", "live_pages"),
                   donate_argnames=("state",))
 _take_rows = jax.jit(take_rows)
 _init_state = jax.jit(init_state, static_argnames=(
@@ -610,11 +619,12 @@ class _Scheduler:
           raise RuntimeError("the KV-cache pool cannot hold a waiting row; raise num_pages.")
         break
       # The Pallas kernel reads each row's live pages itself: one program for every length.
-      # XLA: the live pages of all slots in one list per shard, its length from a few sizes.
+      # XLA: the pages the busy slots can touch, copied into one list per shard for the
+      # call (paged.LivePages), its length from a few sizes.
       live = None
       if not self.pallas:
         pages = [sum(min(self._pages_for(int(self.lengths[g]) + steps + 1), self.width)
-                     if self.slot_row[shard][g % self.slots_local] is not None else 1
+                     if self.slot_row[shard][g % self.slots_local] is not None else 0
                      for g in range(shard * self.slots_local, (shard + 1) * self.slots_local))
                  for shard in range(self.shards)]
         live = live_pages_bucket(max(pages), self.slots_local, self.width)
@@ -623,7 +633,7 @@ class _Scheduler:
       state, status = _decode(
           self.engine.graphdef, self.engine.params, state, put(self.page_table, _ROW_AXES),
           np.int32(steps), np.int32(min_ended), put(self.release, _SLOT_AXES),
-          config=self.cfg, rules=self.engine.rules, pages_bucket=None, live_pages=live)
+          config=self.cfg, rules=self.engine.rules, live_pages=live)
       self.release[:] = False
       done, count, lengths, ran = map(_host, status)
       self.decode_calls += 1
