@@ -254,7 +254,8 @@ def format_summary_table(results: Mapping[str, Mapping]) -> str:
 
 def sampler_generate_fn(model, tokenizer, mesh, max_new_tokens: int, temperature: float,
                         micro_batch_size: int = 0, *, top_p: float = 1.0, top_k: int = 0,
-                        vocab_size: int | None = None, layout: str = "replicated") -> GenerateFn:
+                        vocab_size: int | None = None, layout: str = "replicated",
+                        engine_options: Mapping | None = None) -> GenerateFn:
   """A ``GenerateFn`` over ``tropd_jax.sampling.generate`` for ``model``.
 
   Args:
@@ -267,14 +268,20 @@ def sampler_generate_fn(model, tokenizer, mesh, max_new_tokens: int, temperature
     vocab_size: ids ``>= vocab_size`` are never sampled (embedding rows past the tokenizer's
       vocabulary); None: every row is a token.
     layout: the decode layout the weights are in (``sampling.layout``).
+    engine_options: other ``SamplerConfig`` fields (page size, length buckets, page-table
+      width, ...). A call whose longest prompt and budget exceed ``max_row_tokens`` sizes its
+      page tables itself.
   """
   from tropd_jax import sampling
 
   def generate_fn(prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
+    options = dict(engine_options or {})
+    if options.get("max_row_tokens", 0) < max(map(len, prompt_ids)) + max_new_tokens:
+      options["max_row_tokens"] = 0
     return sampling.generate(
         model, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         stop_ids=tokenizer.stop_ids, seed=seed, mesh=mesh, micro_batch_size=micro_batch_size,
-        vocab_size=vocab_size, layout=layout,
+        vocab_size=vocab_size, layout=layout, **options,
     ).completion_ids
 
   return generate_fn
@@ -305,9 +312,17 @@ def evaluate_model(model, tokenizer, config, *, mesh=None, vocab_size: int | Non
   """
   e = config.eval
   _require_sets(config)
+  r = config.rollout
+  # The rollouts' engine shapes (buckets, pages, page-table width): evaluation and rollouts of
+  # the same budget run the same compiled programs.
+  engine_options = dict(
+      pad_id=tokenizer.pad_id, page_size=r.page_size, num_pages=r.kv_pages,
+      chunk_steps=r.chunk_steps, length_buckets=tuple(r.prompt_buckets),
+      max_row_tokens=max(r.prompt_buckets) + e.max_new_tokens)
   generate_fn = sampler_generate_fn(
-      model, tokenizer, mesh, e.max_new_tokens, e.temperature, config.rollout.slots,
-      top_p=e.top_p, top_k=e.top_k, vocab_size=vocab_size, layout=layout)
+      model, tokenizer, mesh, e.max_new_tokens, e.temperature, r.slots,
+      top_p=e.top_p, top_k=e.top_k, vocab_size=vocab_size, layout=layout,
+      engine_options=engine_options)
   out_dir = out_dir.rstrip("/") if out_dir else None
   results = {}
   for path in e.paths:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION = ("auto", "xla", "pallas")
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -93,6 +95,17 @@ class SamplerConfig:
   @property
   def greedy(self) -> bool:
     return self.temperature == 0
+
+  def program(self) -> SamplerConfig:
+    """The config the engine's programs are compiled for: ``temperature`` and ``top_p`` reach
+    them as arguments (``draw_params``), so only whether each applies is kept here, and
+    configs that differ in their values alone share programs (evaluation and rollouts)."""
+    return self.replace(temperature=0.0 if self.greedy else 1.0,
+                        top_p=1.0 if self.top_p == 1 else 0.5)
+
+  def draw_params(self):
+    """float32 ``[temperature, top_p]``, the programs' ``draw_params`` argument."""
+    return np.asarray([self.temperature or 1.0, self.top_p], np.float32)
 
   def replace(self, **kwargs) -> SamplerConfig:
     return dataclasses.replace(self, **kwargs)

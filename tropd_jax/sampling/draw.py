@@ -12,12 +12,16 @@ import jax
 import jax.numpy as jnp
 
 
-def filter_logits(logits_BV: jax.Array, config) -> jax.Array:
+def filter_logits(logits_BV: jax.Array, config, temperature=None, top_p=None) -> jax.Array:
   """Float32 logits of the distribution tokens are drawn from: vocab-masked, scaled, filtered.
 
   Filtered-out tokens get ``-inf``. Tokens tied with the k-th (or the nucleus' last) logit are
-  kept, so a set may exceed ``top_k`` only on exact ties.
+  kept, so a set may exceed ``top_k`` only on exact ties. ``config`` decides what is applied
+  (greedy or not, the vocabulary mask, top-k, whether a nucleus is cut); ``temperature`` and
+  ``top_p`` (float32 scalars, may be traced; default: the config's) set how much.
   """
+  temperature = config.temperature if temperature is None else temperature
+  top_p = config.top_p if top_p is None else top_p
   logits_BV = logits_BV.astype(jnp.float32)
   v = logits_BV.shape[-1]
   if config.vocab_size is not None and config.vocab_size < v:
@@ -25,19 +29,19 @@ def filter_logits(logits_BV: jax.Array, config) -> jax.Array:
     logits_BV = jnp.where(ids_BV < config.vocab_size, logits_BV, -jnp.inf)
   if config.greedy:
     return logits_BV
-  logits_BV = logits_BV / config.temperature
+  logits_BV = logits_BV / temperature
   sorted_BK = None
   if 0 < config.top_k < v:
     sorted_BK, _ = jax.lax.top_k(logits_BV, config.top_k)
     logits_BV = jnp.where(logits_BV >= sorted_BK[:, -1:], logits_BV, -jnp.inf)
   if config.top_p < 1:
     if sorted_BK is None:
-      threshold_B1 = _nucleus_threshold(logits_BV, config.top_p)[:, None]
+      threshold_B1 = _nucleus_threshold(logits_BV, top_p)[:, None]
     else:  # Within the top k, sorted already.
       probs_BK = jax.nn.softmax(sorted_BK, axis=-1)
       # Keep a token while the mass strictly above it is below top_p (the first is always kept).
       above_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-      last_B = jnp.sum(above_BK < config.top_p, axis=-1) - 1
+      last_B = jnp.sum(above_BK < top_p, axis=-1) - 1
       threshold_B1 = jnp.take_along_axis(sorted_BK, last_B[:, None], axis=-1)
     logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
   return logits_BV
@@ -84,9 +88,11 @@ def _argmax(x_BV: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(at_max_BV, ids_BV, x_BV.shape[-1] - 1), axis=-1)
 
 
-def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, config):
-  """Draws one token per row; returns ``(tokens_B int32, logp_B float32)``."""
-  logits_BV = filter_logits(logits_BV, config)
+def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, config, temperature=None,
+                  top_p=None):
+  """Draws one token per row; returns ``(tokens_B int32, logp_B float32)`` (``temperature``,
+  ``top_p``: as ``filter_logits``)."""
+  logits_BV = filter_logits(logits_BV, config, temperature, top_p)
   if config.greedy:
     tokens_B = _argmax(logits_BV)
   else:  # Gumbel-max, as jax.random.categorical, with the faster argmax.

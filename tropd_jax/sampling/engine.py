@@ -186,7 +186,8 @@ def _empty_state(model_cfg, config: SamplerConfig, *, slots: int, pages: int, pa
 
 
 def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R, page_table_RP,
-            row_ids_R, budgets_R, seed, *, config: SamplerConfig, rules) -> DecodeState:
+            row_ids_R, budgets_R, seed, draw_params=None, *, config: SamplerConfig,
+            rules) -> DecodeState:
   """Admits R rows: runs their contexts, caches them, draws each row's first token.
 
   Args:
@@ -200,7 +201,9 @@ def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R,
     row_ids_R: int32 the rows' ids (their keys).
     budgets_R: int32 the rows' budgets.
     seed: int32 the call's seed.
-    config: static sampler settings.
+    draw_params: float32 ``[temperature, top_p]`` (``SamplerConfig.draw_params``); None: the
+      config's.
+    config: static sampler settings (``SamplerConfig.program()``: what applies, not how much).
     rules: static, the decode layout's logical-axis table (a tuple of items).
   """
   _COMPILES["prefill"] += 1
@@ -210,7 +213,8 @@ def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R,
     h_RD, cache = model.prefill(tokens_RT, lengths_R, cache)
     keys_R = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids_R)
     logits_RV = model.logits(h_RD[:, None])[:, 0]
-    first_R, logp_R = draw.sample_tokens(logits_RV, draw.token_keys(keys_R, 0), config)
+    first_R, logp_R = draw.sample_tokens(logits_RV, draw.token_keys(keys_R, 0), config,
+                                         *_draw_values(draw_params))
     done_R = draw.is_stop(first_R, config) | (budgets_R <= 1)
 
     def admit(state_fields, slots_R, lengths_R, first_R, logp_R, budgets_R, done_R, keys_R):
@@ -235,7 +239,7 @@ def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R,
 
 
 def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_ended, release_B,
-           *, config: SamplerConfig, rules, live_pages: int | None = None):
+           draw_params=None, *, config: SamplerConfig, rules, live_pages: int | None = None):
   """Up to ``max_steps`` decode steps of every busy slot; returns early once ``min_ended``
   rows busy at the start have ended (or when none is busy).
 
@@ -246,7 +250,7 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
       position up to ``lengths + max_steps``.
     max_steps, min_ended: int32 scalars.
     release_B: bool slots to empty first (rows put back in the queue).
-    config, rules: static, as ``prefill``.
+    draw_params, config, rules: as ``prefill``.
     live_pages: static. None: attention reads the pool (the Pallas kernel: each row's live
       pages). Else the XLA path: entries per shard of the ``paged.LivePages`` copy the steps
       read and write; it must hold every busy slot's pages up to ``lengths + max_steps + 1``.
@@ -287,7 +291,8 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
       kv = dataclasses.replace(kv, lengths_B=jnp.where(active_B, s.lengths_B, 0))
       h_BD, kv = model.decode(s.last_B, kv, **options)
       next_B, logp_B = draw.sample_tokens(model.logits(h_BD[:, None])[:, 0],
-                                          draw.token_keys(keys_B, s.count_B), config)
+                                          draw.token_keys(keys_B, s.count_B), config,
+                                          *_draw_values(draw_params))
       at_BN = (column_1N == s.count_B[:, None]) & active_B[:, None]
       count_B = s.count_B + active_B.astype(jnp.int32)
       ended_B = draw.is_stop(next_B, config) | (count_B >= s.budget_B)
@@ -307,6 +312,10 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     state = dataclasses.replace(s, k_pages=pools[0], v_pages=pools[1])
     status = tuple(_replicated(x) for x in (state.done_B, state.count_B, state.lengths_B))
     return state, status + (steps,)
+
+
+def _draw_values(draw_params):
+  return (None, None) if draw_params is None else (draw_params[0], draw_params[1])
 
 
 def take_rows(tokens_BN, logp_BN, slots_R):
@@ -367,7 +376,9 @@ class Engine:
     else:
       self.graphdef, self.params = nnx.split(model)
     self.model_cfg = self.graphdef_cfg()
-    self.config = config
+    # The cache dtype made explicit: an engine that names the model's dtype and one that
+    # leaves it to the model run the same programs.
+    self.config = config.replace(cache_dtype=config.cache_dtype or self.model_cfg.dtype)
     self.mesh = mesh
     self.layout = layout
     self.rules = tuple(sorted((k, tuple(v)) for k, v in mesh_lib.DECODE_RULES[layout].items()))
@@ -430,8 +441,8 @@ class Engine:
     layout_rules = mesh_lib.DECODE_RULES[self.layout]
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx, mesh_lib.use_rules(layout_rules):
-      state = _init_state(self.model_cfg, cfg, slots=slots, pages=pages, pages_per_row=width,
-                          dtype=dtype.name, rules=self.rules)
+      state = _init_state(self.model_cfg, cfg.program(), slots=slots, pages=pages,
+                          pages_per_row=width, dtype=dtype.name, rules=self.rules)
       sched = _Scheduler(self, requests, slots_local, pages_local, width)
       state = sched.run(state, seed, progress)
     del state
@@ -512,15 +523,25 @@ class _Scheduler:
 
   # Admission -----------------------------------------------------------------------------------
 
+  def _refill_rows(self) -> int:
+    """Rows per shard of a refill's prefill call: a power of two, about ``refill_fraction`` of
+    the slots."""
+    refill = math.ceil(self.cfg.refill_fraction * self.slots_local)
+    return min(_pow2_at_least(refill), _pow2_at_least(self.slots_local))
+
   def _admit_batch(self) -> list[list[tuple[int, int]]]:
-    """Picks waiting rows for free slots: a prefill call's worth per shard at most."""
+    """Picks waiting rows for free slots: a prefill call's worth per shard at most. While any
+    slot is busy, a call admits at most a refill's rows per shard: refills run one prefill
+    program, whatever number of slots a decode call freed (more calls if it freed more)."""
     per_shard = [[] for _ in range(self.shards)]
     longest = [0] * self.shards
+    filling = any(r is not None for rows in self.slot_row for r in rows)
+    most = self._refill_rows() if filling else self.slots_local
     progress = True
     while self.queue and progress:
       progress = False
       for shard in sorted(range(self.shards), key=lambda s: -len(self.free_slots[s])):
-        if not self.queue or not self.free_slots[shard]:
+        if not self.queue or not self.free_slots[shard] or len(per_shard[shard]) >= most:
           continue
         request = self.requests[self.queue[0]]
         context = max(longest[shard], len(request.context))
@@ -541,10 +562,12 @@ class _Scheduler:
     return per_shard
 
   def _prefill(self, state, per_shard, seed):
-    # Rows padded to a power of two, at least a refill's worth: few prefill programs to compile.
-    refill = math.ceil(self.cfg.refill_fraction * self.slots_local)
-    rows_local = min(_pow2_at_least(max(max(len(a) for a in per_shard), refill)),
-                     _pow2_at_least(self.slots_local))
+    # Rows padded to a refill's worth, or (the first fill) to a power of two: few prefill
+    # programs to compile.
+    refill = self._refill_rows()
+    admitted = max(len(a) for a in per_shard)
+    rows_local = refill if admitted <= refill else min(_pow2_at_least(admitted),
+                                                       _pow2_at_least(self.slots_local))
     rows = rows_local * self.shards
     contexts = [self.requests[row].context for admitted in per_shard for _, row in admitted]
     t = self.cfg.bucket(max(map(len, contexts)))
@@ -568,7 +591,7 @@ class _Scheduler:
     state = _prefill(self.engine.graphdef, self.engine.params, state, put(tokens, _ROW_AXES),
                      put(lengths, _SLOT_AXES), put(slots, _SLOT_AXES), put(table, _ROW_AXES),
                      put(row_ids, _SLOT_AXES), put(budgets, _SLOT_AXES), np.int32(seed),
-                     config=self.cfg, rules=self.engine.rules)
+                     self.cfg.draw_params(), config=self.cfg.program(), rules=self.engine.rules)
     self.prefill_calls += 1
     return state
 
@@ -633,7 +656,8 @@ class _Scheduler:
       state, status = _decode(
           self.engine.graphdef, self.engine.params, state, put(self.page_table, _ROW_AXES),
           np.int32(steps), np.int32(min_ended), put(self.release, _SLOT_AXES),
-          config=self.cfg, rules=self.engine.rules, live_pages=live)
+          self.cfg.draw_params(), config=self.cfg.program(), rules=self.engine.rules,
+          live_pages=live)
       self.release[:] = False
       done, count, lengths, ran = map(_host, status)
       self.decode_calls += 1
