@@ -51,7 +51,8 @@ def main(argv=None) -> None:
                            tie_word_embeddings=True, max_position_embeddings=4096)
   model = models.init_model(cfg)
   graphdef, state = nnx.split(model)
-  state["final_norm"]["scale"].value = jnp.zeros_like(state["final_norm"]["scale"].value)
+  scale = state["final_norm"]["scale"]
+  scale.set_value(jnp.zeros_like(scale.get_value()))
   model = nnx.merge(graphdef, state)
   rng = np.random.RandomState(0)
   prompts = [rng.randint(3, 256, rng.randint(16, 49)).tolist() for _ in range(args.prompts)]

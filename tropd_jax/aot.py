@@ -344,11 +344,12 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
               row((n_rows,), jnp.int32, ("batch",)), row((n_rows,), jnp.int32, ("batch",)),
               row((n_rows, width), jnp.int32, ("batch", None)),
               row((n_rows,), jnp.int32, ("batch",)), row((n_rows,), jnp.int32, ("batch",)),
-              jax.ShapeDtypeStruct((), jnp.int32))
+              jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.float32))
     calls = rows / n_rows if per_step else 0.0
     scale = min(1.0, live_tokens / t) if prefix == "guided" else 1.0
     compiler.compile(f"{prefix}/prefill", f"{n_rows} rows x {t} context, pool {pages} pages "
-                     f"x {cfg.page_size}", calls, engine_lib._prefill, *args, config=cfg,
+                     f"x {cfg.page_size}", calls, engine_lib._prefill, *args,
+                     config=cfg.program(),
                      rules=_rules_key(rules), resident=resident, inside=inside, scale=scale,
                      note="time scaled to the mean context" if scale < 1 else "")
     if not decode:
@@ -364,7 +365,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     with mesh_lib.use_rules(rules):
       d_args = (graph, params, state_sds, row((slots, width), jnp.int32, ("batch", None)),
                 jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-                row((slots,), jnp.bool_, ("batch",)))
+                row((slots,), jnp.bool_, ("batch",)), jax.ShapeDtypeStruct((2,), jnp.float32))
     # The Pallas kernel reads a row's live pages in place; XLA cannot see into it.
     kv_read = (slots / shards) * live_tokens * 2 * c.num_layers * c.num_kv_heads * c.head_dim \
         * compute.itemsize / layout_lib.kv_head_shards(mesh, rules, c.num_kv_heads) \
@@ -372,7 +373,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     reads = "each row's live pages" if pallas else f"{live} live pages per shard"
     compiler.compile(f"{prefix}/decode", f"{slots} slots, {cfg.chunk_steps} steps a call, "
                      f"attention over {reads}", iterations if per_step else 0.0,
-                     engine_lib._decode, *d_args, config=cfg, rules=_rules_key(rules),
+                     engine_lib._decode, *d_args, config=cfg.program(), rules=_rules_key(rules),
                      live_pages=live, resident=resident, inside=inside,
                      trip_count=1, note="per decode step")
     phase = compiler.phases[-1]

@@ -122,7 +122,7 @@ def abstract_copy(params, mesh, layout: str, dtype=None):
   import jax.numpy as jnp
 
   def one(sharding, var):
-    value = var.value if isinstance(var, nnx.Variable) else var
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
     floating = jnp.issubdtype(value.dtype, jnp.floating)
     sds = jax.ShapeDtypeStruct(value.shape, dtype if dtype and floating else value.dtype,
                                sharding=sharding)
