@@ -226,6 +226,38 @@ def test_compilations_bounded_and_kv_bytes(jax_models):
   assert stats.pages == 2 * stats.pages_per_row + 1
 
 
+def test_temperature_and_top_p_share_programs(jax_models):
+  """Evaluation (temperature 0.6) and rollouts (1.0) of one shape run the same programs; a
+  nucleus is its own program, the value of top_p is not; the draws follow the values."""
+  model = jax_models["diffuse"]
+  prompts = ragged_prompts(np.random.RandomState(11), [3, 5, 2, 4])
+  cfg = dict(max_new_tokens=5, slots=2, page_size=4, stop_ids=(5,))
+  hot, _ = draw(model, prompts, temperature=1.0, **cfg)
+  before = sampling.compile_counts()
+  cold, _ = draw(model, prompts, temperature=0.6, **cfg)
+  assert sampling.compile_counts() == before
+  # Log-probs under the distribution drawn from: the sharper one's top tokens gain.
+  first = lambda rollout: np.asarray([lp[0] for lp in rollout.logp])
+  assert np.abs(first(hot) - first(cold)).max() > 1e-3
+  draw(model, prompts, temperature=0.6, top_p=0.9, **cfg)
+  nucleus = sampling.compile_counts()
+  assert nucleus != before
+  draw(model, prompts, temperature=1.0, top_p=0.5, **cfg)
+  assert sampling.compile_counts() == nucleus
+
+
+def test_refills_share_one_prefill_program(jax_models):
+  """However many slots a decode call frees, refills prefill the same number of rows."""
+  model = jax_models["diffuse"]
+  prompts = ragged_prompts(np.random.RandomState(12), [3, 2, 4, 3, 2, 4, 3, 2, 3, 4, 2, 3])
+  before = sampling.compile_counts().get("prefill", 0)
+  _, stats = draw(model, prompts, temperature=1.0, max_new_tokens=8, stop_ids=(3, 5, 7),
+                  slots=8, chunk_steps=8, length_buckets=(8,), refill_fraction=0.25)
+  assert stats.prefill_calls >= 3
+  # The first fill (8 rows) and refills (2 rows, as many calls as needed).
+  assert sampling.compile_counts()["prefill"] - before <= 2
+
+
 def test_bad_settings_name_the_field(jax_models):
   model = jax_models["qwen2"]
   with pytest.raises(ValueError, match="top_p"):
