@@ -13,6 +13,7 @@ Shape key. Every module names its arrays with these letters as a suffix (``logit
   H  head dim                       L  layers
   C  positions per chunk            M  micro-batches
   P  pages of the KV cache          Z  tokens per page
+  E  entries of a decode call's list of live pages
 """
 
 __version__ = "0.1.0"

@@ -496,7 +496,7 @@ class LivePages:
          spec.slots),
         lambda m, bt: (spec.entries(m, bt),) * 2)
     out_BNH = _per_shard(
-        _attend_live_onehot if __import__("os").environ.get("ONEHOT") else _attend_live, (q_BNH, k, v, self.row_E, self.ord_E, self.lengths_B + 1),
+        _attend_live, (q_BNH, k, v, self.row_E, self.ord_E, self.lengths_B + 1),
         (spec.heads, spec.entries, spec.entries, spec.slots, spec.slots, spec.slots),
         spec.heads)
     put = lambda pages, x: pages[:layer] + (x,) + pages[layer + 1:]
@@ -610,40 +610,6 @@ def _attend_live(q_BNH, k_EGHZ, v_EGZH, row_E, ord_E, lengths_B):
                          preferred_element_type=jnp.float32)
   out_BGQH = jax.ops.segment_sum(part_EGQH, row_E, num_segments=b + 1)[:b]
   out_BGQH = out_BGQH / jnp.maximum(sum_BGQ, jnp.finfo(jnp.float32).tiny)[..., None]
-  out_BGQH = jnp.where(lengths_B[:, None, None, None] > 0, out_BGQH, 0.0)
-  return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
-
-
-def _attend_live_onehot(q_BNH, k_EGHZ, v_EGZH, row_E, ord_E, lengths_B):
-  """Each row's softmax over its own entries. Entries take their row's query, and rows sum
-  their entries, through a one-hot ``[E, B]`` matrix (two small dots: XLA:CPU gathers and
-  segment sums of this size are several times slower); entries of no row match none."""
-  b, n, h = q_BNH.shape
-  e, g, _, z = k_EGHZ.shape
-  f32 = jnp.float32
-  onehot_EB = row_E[:, None] == jnp.arange(b)[None]
-  q_EGQH = jnp.einsum("EB,BN->EN", onehot_EB.astype(q_BNH.dtype), q_BNH.reshape(b, n * h),
-                      precision=jax.lax.Precision.HIGHEST).reshape(e, g, n // g, h)
-  logits_EGQZ = jnp.einsum("EGQH,EGHZ->EGQZ", q_EGQH, k_EGHZ,
-                           preferred_element_type=f32) * (h**-0.5)
-  length_E = jnp.sum(jnp.where(onehot_EB, lengths_B[None], 0), axis=1)
-  valid_EZ = ord_E[:, None] * z + jnp.arange(z)[None] < length_E[:, None]
-  logits_EGQZ = jnp.where(valid_EZ[:, None, None], logits_EGQZ, jnp.finfo(f32).min)
-  # Stable softmax per row: each entry's max, the row's max over them, rescaled partial sums.
-  max_EGQ = logits_EGQZ.max(-1)
-  max_BGQ = jnp.max(jnp.where(onehot_EB[:, :, None, None], max_EGQ[:, None],
-                              jnp.finfo(f32).min), axis=0)
-  max_EGQ = jnp.einsum("EB,BK->EK", onehot_EB.astype(f32), max_BGQ.reshape(b, -1),
-                       precision=jax.lax.Precision.HIGHEST).reshape(max_EGQ.shape)
-  probs_EGQZ = jnp.where(valid_EZ[:, None, None], jnp.exp(logits_EGQZ - max_EGQ[..., None]), 0.0)
-  part_EGQH = jnp.einsum("EGQZ,EGZH->EGQH", probs_EGQZ.astype(v_EGZH.dtype), v_EGZH,
-                         preferred_element_type=f32)
-  part_EK = jnp.concatenate([part_EGQH.reshape(e, -1), probs_EGQZ.sum(-1).reshape(e, -1)], 1)
-  sums_BK = jnp.einsum("EB,EK->BK", onehot_EB.astype(f32), part_EK,
-                       precision=jax.lax.Precision.HIGHEST)
-  out_BGQH = sums_BK[:, :n * h].reshape(b, g, n // g, h)
-  sum_BGQ = sums_BK[:, n * h:].reshape(b, g, n // g)
-  out_BGQH = out_BGQH / jnp.maximum(sum_BGQ, jnp.finfo(f32).tiny)[..., None]
   out_BGQH = jnp.where(lengths_B[:, None, None, None] > 0, out_BGQH, 0.0)
   return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
 
