@@ -1,0 +1,208 @@
+"""The tally task: a running total over a list of labelled digits, one written line per item.
+
+A problem is nine labelled digits, asked as ``Sum a=7 b=3 c=2 d=9 e=4 f=1 g=8 h=5 i=6.``. Its
+worked solution opens with a sentence, starts the total at the first digit, writes one line per
+further digit and boxes the final total::
+
+    We add the values in order.
+    a: start at 7.
+    b: 7 plus 3 is 10.
+    c: add 2 to 10, giving 12.
+    d: the sum of 12 and 9 is 21.
+    ...
+    The answer is \\boxed{45}.
+
+Every line may be worded three ways (``WORDINGS``: ``plus``, ``add``, ``sum``; they differ in
+phrase and in the order of the two addends), and the opening and closing sentences two ways
+each: a solution's ``Style`` picks one wording per line. All of them mean the same and are graded
+the same. The teacher is trained on the ``plus`` wording almost always, the student mostly on the
+other two, so most tokens on which the two models disagree choose a wording, not a number. The
+student also learns from solutions with one slip: at one line that crosses a ten the carry is
+forgotten (``17 plus 5 is 12``), and the total goes on from there to a wrong answer. Answers are
+graded as the math evaluation grades them (``tropd_jax.math_grading``: the last ``\\boxed{}``).
+
+Digits are 1-9, so totals stay below 82 and every step is one addition of a digit to a number
+below 100. A solution is 210-320 characters, one token each under the task's tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Sequence
+
+from tropd_jax import math_grading
+
+NUM_VALUES = 9
+LABELS = "abcdefghi"
+WORDINGS = ("plus", "add", "sum")
+LINES = {  # How a line adds digit x to the total a, giving b.
+    "plus": "{label}: {a} plus {x} is {b}.",
+    "add": "{label}: add {x} to {a}, giving {b}.",
+    "sum": "{label}: the sum of {a} and {x} is {b}.",
+}
+OPENINGS = ("We add the values in order.", "Keep a running total.")
+CLOSINGS = ("The answer is \\boxed{{{total}}}.", "So the total is \\boxed{{{total}}}.")
+_LINE_PATTERNS = (  # Reads (label, a, x, b) back from a line in any wording.
+    re.compile(r"^(\w): (\d+) plus (\d+) is (\d+)\.$"),
+    re.compile(r"^(\w): add (?P<x>\d+) to (?P<a>\d+), giving (\d+)\.$"),
+    re.compile(r"^(\w): the sum of (\d+) and (\d+) is (\d+)\.$"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+  """How a solution is worded: its opening, one wording per line after the first, its closing.
+
+  Attributes:
+    opening: index into ``OPENINGS``.
+    wordings: one of ``WORDINGS`` for each item after the first.
+    closing: index into ``CLOSINGS``.
+  """
+
+  opening: int
+  wordings: tuple[str, ...]
+  closing: int
+
+  @classmethod
+  def plain(cls, wording: str = "plus") -> Style:
+    """Every line in ``wording``, the first opening and closing."""
+    return cls(0, (wording,) * (NUM_VALUES - 1), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """The distribution a model's training solutions are drawn from.
+
+  Attributes:
+    wordings: probability of each of ``WORDINGS``, drawn independently for every line.
+    other_sentences: probability of the second opening, and (independently) of the second closing.
+    slip_frac: fraction of solutions with one forgotten carry (at a line drawn uniformly among
+      those that cross a ten; none if no line does).
+  """
+
+  wordings: tuple[float, float, float]
+  other_sentences: float
+  slip_frac: float
+
+  def style(self, rng: random.Random) -> Style:
+    return Style(
+        opening=int(rng.random() < self.other_sentences),
+        wordings=tuple(rng.choices(WORDINGS, self.wordings, k=NUM_VALUES - 1)),
+        closing=int(rng.random() < self.other_sentences))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Nine digits in 1-9, e.g. ``Problem((7, 3, 2, 9, 4, 1, 8, 5, 6))``."""
+
+  values: tuple[int, ...]
+
+  def __post_init__(self):
+    if len(self.values) != NUM_VALUES or not all(1 <= v <= 9 for v in self.values):
+      raise ValueError(f"values={self.values!r}: a problem is {NUM_VALUES} digits in 1-9.")
+
+  @property
+  def prompt(self) -> str:
+    return "Sum " + " ".join(f"{label}={v}" for label, v in zip(LABELS, self.values)) + "."
+
+  def totals(self) -> list[int]:
+    """The running total after each item."""
+    totals, value = [], 0
+    for v in self.values:
+      value += v
+      totals.append(value)
+    return totals
+
+  @property
+  def answer(self) -> int:
+    return sum(self.values)
+
+  def carry_lines(self) -> list[int]:
+    """Indices (1-based items) of the lines whose addition crosses a ten."""
+    totals = self.totals()
+    return [i for i in range(1, NUM_VALUES) if totals[i] // 10 != totals[i - 1] // 10]
+
+  def solution(self, style: Style | None = None, *, slip_at: int | None = None) -> str:
+    """The worked solution in ``style`` (default: all ``plus``).
+
+    Args:
+      style: the wording of each sentence.
+      slip_at: an item of ``carry_lines()`` whose line forgets the carry, keeping the tens
+        digit it started from; the total goes on from the wrong value. None: no slip.
+    """
+    style = style or Style.plain()
+    if len(style.wordings) != NUM_VALUES - 1 or not set(style.wordings) <= set(WORDINGS):
+      raise ValueError(f"style.wordings={style.wordings!r}: give one of {WORDINGS} for each of "
+                       f"the {NUM_VALUES - 1} lines after the first.")
+    if slip_at is not None and slip_at not in self.carry_lines():
+      raise ValueError(f"slip_at={slip_at} is not a line that crosses a ten "
+                       f"({self.carry_lines()}).")
+    value = self.values[0]
+    lines = [OPENINGS[style.opening], f"{LABELS[0]}: start at {value}."]
+    for i, wording in enumerate(style.wordings, start=1):
+      x = self.values[i]
+      result = value // 10 * 10 + (value + x) % 10 if i == slip_at else value + x
+      lines.append(LINES[wording].format(label=LABELS[i], a=value, x=x, b=result))
+      value = result
+    lines.append(CLOSINGS[style.closing].format(total=value))
+    return "\n".join(lines)
+
+  def record(self) -> dict:
+    """The JSONL record that training and evaluation read."""
+    return {"problem": self.prompt, "answer": str(self.answer)}
+
+
+def draw_solution(problem: Problem, mixture: Mixture, rng: random.Random) -> str:
+  """A training solution of ``problem`` drawn from ``mixture`` (its style, and maybe a slip)."""
+  style = mixture.style(rng)
+  carries = problem.carry_lines()
+  slip = rng.choice(carries) if carries and rng.random() < mixture.slip_frac else None
+  return problem.solution(style, slip_at=slip)
+
+
+def read_steps(solution: str) -> list[tuple[str, int, int, int]]:
+  """``(label, a, x, b)`` of every addition line of a solution, whatever its wording."""
+  steps = []
+  for line in solution.splitlines():
+    for pattern in _LINE_PATTERNS:
+      m = pattern.match(line)
+      if m:
+        g = m.groupdict()
+        label, a, x, b = m.group(1), *(int(v) for v in m.groups()[1:])
+        if g:  # The ``add`` wording names the digit before the total.
+          a, x = int(g["a"]), int(g["x"])
+        steps.append((label, a, x, b))
+  return steps
+
+
+def random_problem(rng: random.Random) -> Problem:
+  return Problem(tuple(rng.randint(1, 9) for _ in range(NUM_VALUES)))
+
+
+def make_problems(count: int, seed: int, *, exclude: Iterable[str] = ()) -> list[Problem]:
+  """``count`` distinct problems, none of whose prompts is in ``exclude``."""
+  rng = random.Random(seed)
+  seen = set(exclude)
+  problems = []
+  while len(problems) < count:
+    p = random_problem(rng)
+    if p.prompt not in seen:
+      seen.add(p.prompt)
+      problems.append(p)
+  return problems
+
+
+def is_correct(response: str, answer: str | int) -> bool:
+  """The evaluation's verdict: the response's last ``\\boxed{}`` equals ``answer``."""
+  return math_grading.is_correct(response, str(answer))
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    for rec in records:
+      f.write(json.dumps(rec) + "\n")
