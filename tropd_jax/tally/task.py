@@ -7,22 +7,22 @@ further digit and boxes the final total::
     We add the values in order.
     a: start at 7.
     b: 7 plus 3 is 10.
-    c: add 2 to 10, giving 12.
-    d: the sum of 12 and 9 is 21.
+    c: add 2 to 10, get 12.
+    d: 12 and 9 make 21.
     ...
     The answer is \\boxed{45}.
 
-Every line may be worded three ways (``WORDINGS``: ``plus``, ``add``, ``sum``; they differ in
+Every line may be worded three ways (``WORDINGS``: ``plus``, ``add``, ``make``; they differ in
 phrase and in the order of the two addends), and the opening and closing sentences two ways
 each: a solution's ``Style`` picks one wording per line. All of them mean the same and are graded
 the same. The teacher is trained on the ``plus`` wording almost always, the student mostly on the
 other two, so most tokens on which the two models disagree choose a wording, not a number. The
-student also learns from solutions with one slip: at one line that crosses a ten the carry is
-forgotten (``17 plus 5 is 12``), and the total goes on from there to a wrong answer. Answers are
-graded as the math evaluation grades them (``tropd_jax.math_grading``: the last ``\\boxed{}``).
+student also has one habitual slip: adding a 9 it often forgets the carry (``17 plus 9 is
+16``), and the total goes on from there to a wrong answer. Answers are graded as the math
+evaluation grades them (``tropd_jax.math_grading``: the last ``\\boxed{}``).
 
 Digits are 1-9, so totals stay below 82 and every step is one addition of a digit to a number
-below 100. A solution is 210-320 characters, one token each under the task's tokenizer.
+below 100. A solution is 205-261 characters, one token each under the task's tokenizer.
 """
 
 from __future__ import annotations
@@ -38,18 +38,18 @@ from tropd_jax import math_grading
 
 NUM_VALUES = 9
 LABELS = "abcdefghi"
-WORDINGS = ("plus", "add", "sum")
+WORDINGS = ("plus", "add", "make")
 LINES = {  # How a line adds digit x to the total a, giving b.
     "plus": "{label}: {a} plus {x} is {b}.",
-    "add": "{label}: add {x} to {a}, giving {b}.",
-    "sum": "{label}: the sum of {a} and {x} is {b}.",
+    "add": "{label}: add {x} to {a}, get {b}.",
+    "make": "{label}: {a} and {x} make {b}.",
 }
 OPENINGS = ("We add the values in order.", "Keep a running total.")
 CLOSINGS = ("The answer is \\boxed{{{total}}}.", "So the total is \\boxed{{{total}}}.")
 _LINE_PATTERNS = (  # Reads (label, a, x, b) back from a line in any wording.
     re.compile(r"^(\w): (\d+) plus (\d+) is (\d+)\.$"),
-    re.compile(r"^(\w): add (?P<x>\d+) to (?P<a>\d+), giving (\d+)\.$"),
-    re.compile(r"^(\w): the sum of (\d+) and (\d+) is (\d+)\.$"),
+    re.compile(r"^(\w): add (?P<x>\d+) to (?P<a>\d+), get (\d+)\.$"),
+    re.compile(r"^(\w): (\d+) and (\d+) make (\d+)\.$"),
 )
 
 
@@ -80,13 +80,12 @@ class Mixture:
   Attributes:
     wordings: probability of each of ``WORDINGS``, drawn independently for every line.
     other_sentences: probability of the second opening, and (independently) of the second closing.
-    slip_frac: fraction of solutions with one forgotten carry (at a line drawn uniformly among
-      those that cross a ten; none if no line does).
+    slip_prob: how often a line that adds a 9 forgets the carry (each such line on its own).
   """
 
   wordings: tuple[float, float, float]
   other_sentences: float
-  slip_frac: float
+  slip_prob: float
 
   def style(self, rng: random.Random) -> Style:
     return Style(
@@ -121,31 +120,27 @@ class Problem:
   def answer(self) -> int:
     return sum(self.values)
 
-  def carry_lines(self) -> list[int]:
-    """Indices (1-based items) of the lines whose addition crosses a ten."""
-    totals = self.totals()
-    return [i for i in range(1, NUM_VALUES) if totals[i] // 10 != totals[i - 1] // 10]
-
-  def solution(self, style: Style | None = None, *, slip_at: int | None = None) -> str:
+  def solution(self, style: Style | None = None, *, slips: Iterable[int] = ()) -> str:
     """The worked solution in ``style`` (default: all ``plus``).
 
     Args:
       style: the wording of each sentence.
-      slip_at: an item of ``carry_lines()`` whose line forgets the carry, keeping the tens
-        digit it started from; the total goes on from the wrong value. None: no slip.
+      slips: items (1-based, after the first) whose line forgets the carry, keeping the tens
+        digit the total had (``17 plus 9 is 16``); the total goes on from the wrong value. A
+        line that crosses no ten cannot slip.
     """
     style = style or Style.plain()
     if len(style.wordings) != NUM_VALUES - 1 or not set(style.wordings) <= set(WORDINGS):
       raise ValueError(f"style.wordings={style.wordings!r}: give one of {WORDINGS} for each of "
                        f"the {NUM_VALUES - 1} lines after the first.")
-    if slip_at is not None and slip_at not in self.carry_lines():
-      raise ValueError(f"slip_at={slip_at} is not a line that crosses a ten "
-                       f"({self.carry_lines()}).")
+    slips = set(slips)
+    if not slips <= set(range(1, NUM_VALUES)):
+      raise ValueError(f"slips={sorted(slips)}: lines are items 1-{NUM_VALUES - 1}.")
     value = self.values[0]
     lines = [OPENINGS[style.opening], f"{LABELS[0]}: start at {value}."]
     for i, wording in enumerate(style.wordings, start=1):
       x = self.values[i]
-      result = value // 10 * 10 + (value + x) % 10 if i == slip_at else value + x
+      result = value // 10 * 10 + (value + x) % 10 if i in slips else value + x
       lines.append(LINES[wording].format(label=LABELS[i], a=value, x=x, b=result))
       value = result
     lines.append(CLOSINGS[style.closing].format(total=value))
@@ -157,11 +152,11 @@ class Problem:
 
 
 def draw_solution(problem: Problem, mixture: Mixture, rng: random.Random) -> str:
-  """A training solution of ``problem`` drawn from ``mixture`` (its style, and maybe a slip)."""
+  """A training solution of ``problem`` drawn from ``mixture`` (its style, and its slips)."""
   style = mixture.style(rng)
-  carries = problem.carry_lines()
-  slip = rng.choice(carries) if carries and rng.random() < mixture.slip_frac else None
-  return problem.solution(style, slip_at=slip)
+  slips = [i for i in range(1, NUM_VALUES)
+           if problem.values[i] == 9 and rng.random() < mixture.slip_prob]
+  return problem.solution(style, slips=slips)
 
 
 def read_steps(solution: str) -> list[tuple[str, int, int, int]]:
