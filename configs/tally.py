@@ -5,7 +5,7 @@ Launch (no internet, no accelerator needed; the models and data ship in tropd_ja
   JAX_PLATFORMS=cpu python -m tropd_jax.main --config=configs/tally.py
 
 The task (tropd_jax/tally/task.py): a running total over nine labelled digits, one line per digit
-and a boxed result, 205-261 tokens a solution. The teacher writes its lines one way, the student
+and a boxed result, 205-270 tokens a solution. The teacher writes its lines one way, the student
 mostly two other ways that mean the same, and the student slips on a few carries: most tokens
 the teacher finds unlikely in the student's rollouts are harmless choices of wording, a few are
 its errors (``python -m tropd_jax.experiments.diagnose --task=tally`` counts them). The models:
@@ -51,11 +51,11 @@ def get_config(variant: str | None = None):
 
   c.rollout.prompts_per_step = 8
   c.rollout.num_samples = 4
-  c.rollout.max_new_tokens = 288  # A correct solution is at most 262 tokens with its end token.
+  c.rollout.max_new_tokens = 288  # A correct solution is at most 271 tokens with its end token.
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.slots = 64  # All rows of a step decoded at once.
-  # Prompts alone fit 64; a guided row's context, prompt + a whole teacher solution (59 + 262
+  # Prompts alone fit 64; a guided row's context, prompt + a whole teacher solution (59 + 271
   # tokens), fits 336.
   c.rollout.prompt_buckets = (64, 336)
 

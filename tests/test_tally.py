@@ -14,7 +14,7 @@ from tropd_jax.tally import ASSETS, task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBLEM = task.Problem((7, 3, 2, 9, 4, 1, 8, 5, 6))
-MIXED = task.Style(1, ("plus", "add", "make", "plus", "add", "make", "plus", "add"), 1)
+MIXED = task.Style(1, ("plus", "add", "more", "plus", "add", "more", "plus", "add"), 1)
 
 
 def _jsonl(name):
@@ -26,12 +26,12 @@ def test_problem_and_its_solutions():
   assert PROBLEM.prompt == "Sum a=7 b=3 c=2 d=9 e=4 f=1 g=8 h=5 i=6."
   assert PROBLEM.totals() == [7, 10, 12, 21, 25, 26, 34, 39, 45] and PROBLEM.answer == 45
   assert PROBLEM.solution() == (
-      "We add the values in order.\na: start at 7.\nb: 7 plus 3 is 10.\nc: 10 plus 2 is 12.\n"
-      "d: 12 plus 9 is 21.\ne: 21 plus 4 is 25.\nf: 25 plus 1 is 26.\ng: 26 plus 8 is 34.\n"
-      "h: 34 plus 5 is 39.\ni: 39 plus 6 is 45.\nThe answer is \\boxed{45}.")
+      "We add the values in order.\na: start at 7.\nb: 3 plus 7 is 10.\nc: 2 plus 10 is 12.\n"
+      "d: 9 plus 12 is 21.\ne: 4 plus 21 is 25.\nf: 1 plus 25 is 26.\ng: 8 plus 26 is 34.\n"
+      "h: 5 plus 34 is 39.\ni: 6 plus 39 is 45.\nThe answer is \\boxed{45}.")
   assert PROBLEM.solution(MIXED).splitlines()[:5] == [
-      "Keep a running total.", "a: start at 7.", "b: 7 plus 3 is 10.",
-      "c: add 2 to 10, get 12.", "d: 12 and 9 make 21."]
+      "Keep a running total.", "a: start at 7.", "b: 3 plus 7 is 10.",
+      "c: add 2 to 10, get 12.", "d: 9 more than 12 is 21."]
   assert PROBLEM.solution(MIXED).endswith("i: add 6 to 39, get 45.\nSo the total is \\boxed{45}.")
   assert PROBLEM.record() == {"problem": PROBLEM.prompt, "answer": "45"}
 
@@ -51,7 +51,7 @@ def test_wordings_mean_the_same_and_are_graded_the_same():
 
 def test_a_slip_is_one_forgotten_carry_and_a_wrong_answer():
   slipped = PROBLEM.solution(slips=[3])
-  assert "d: 12 plus 9 is 11." in slipped and slipped.endswith("\\boxed{35}.")
+  assert "d: 9 plus 12 is 11." in slipped and slipped.endswith("\\boxed{35}.")
   read = task.read_steps(slipped)
   wrong = [(label, a, x, b) for label, a, x, b in read if a + x != b]
   assert wrong == [("d", 12, 9, 11)]  # The chain goes on correctly from the wrong total.

@@ -10,9 +10,9 @@ from scratch by next-token prediction on worked solutions (``tropd_jax.tally.tas
 loss on the response tokens only (``tropd_jax.demo.sft``, shared with the demo):
 
 - the teacher on a fresh problem for every sequence, its lines worded ``plus`` 94 % of the time
-  (``add`` and ``sum`` 3 % each) and its opening and closing sentences the first way 97 % of the
+  (``add`` and ``more`` 3 % each) and its opening and closing sentences the first way 97 % of the
   time: it can continue any wording, but prefers its own;
-- the student (smaller) on solutions worded ``add`` or ``make`` 45 % of the time each (``plus``
+- the student (smaller) on solutions worded ``add`` or ``more`` 45 % of the time each (``plus``
   10 %), the second opening and closing half the time, in which a line that adds a 9 forgets
   the carry 70 % of the time. It writes in another style than the teacher on most lines and
   slips on a few, so most of the tokens the teacher finds unlikely in its rollouts are choices
@@ -38,7 +38,7 @@ from tropd_jax.tally import ASSETS, task
 
 log = logging.getLogger(__name__)
 
-SEQ_LEN = 328  # Chat-templated prompt (59 tokens) + the longest solution (261) and its end token.
+SEQ_LEN = 336  # Chat-templated prompt (59 tokens) + the longest solution (270) and its end token.
 MAX_POSITIONS = 512
 MAX_NEW_TOKENS = 288
 HELDOUT_SEED, TRAIN_SEED = 1234, 5678
@@ -56,11 +56,11 @@ class Recipe(sft.Recipe):
 
 # Two heads a layer: at 320 positions attention is most of a step's time on a CPU, and two
 # suffice for the label lookup and the two addends.
-TEACHER = Recipe("teacher", d_model=96, num_layers=3, num_heads=2, d_ff=384, steps=800,
+TEACHER = Recipe("teacher", d_model=96, num_layers=3, num_heads=2, d_ff=384, steps=600,
                  batch=32, lr=3e-3, seed=0,
                  mixture=task.Mixture(wordings=(0.94, 0.03, 0.03), other_sentences=0.03,
                                       slip_prob=0.0))
-STUDENT = Recipe("student", d_model=64, num_layers=3, num_heads=2, d_ff=256, steps=800,
+STUDENT = Recipe("student", d_model=96, num_layers=3, num_heads=2, d_ff=256, steps=700,
                  batch=32, lr=3e-3, seed=1,
                  mixture=task.Mixture(wordings=(0.1, 0.45, 0.45), other_sentences=0.5,
                                       slip_prob=0.7))

@@ -6,23 +6,24 @@ further digit and boxes the final total::
 
     We add the values in order.
     a: start at 7.
-    b: 7 plus 3 is 10.
+    b: 3 plus 7 is 10.
     c: add 2 to 10, get 12.
-    d: 12 and 9 make 21.
+    d: 9 more than 12 is 21.
     ...
     The answer is \\boxed{45}.
 
-Every line may be worded three ways (``WORDINGS``: ``plus``, ``add``, ``make``; they differ in
-phrase and in the order of the two addends), and the opening and closing sentences two ways
-each: a solution's ``Style`` picks one wording per line. All of them mean the same and are graded
-the same. The teacher is trained on the ``plus`` wording almost always, the student mostly on the
-other two, so most tokens on which the two models disagree choose a wording, not a number. The
-student also has one habitual slip: adding a 9 it often forgets the carry (``17 plus 9 is
-16``), and the total goes on from there to a wrong answer. Answers are graded as the math
-evaluation grades them (``tropd_jax.math_grading``: the last ``\\boxed{}``).
+Every line may be worded three ways (``WORDINGS``: ``plus``, ``add``, ``more``), and the opening
+and closing sentences two ways each: a solution's ``Style`` picks one wording per line. All of
+them mean the same and are graded the same. Each wording names the new digit first, at a fixed
+place after the label, so that finding it in the prompt is one lookup a tiny model learns early.
+The teacher is trained on the ``plus`` wording almost always, the student mostly on the other
+two, so most tokens on which the two models disagree choose a wording, not a number. The student
+also has one habitual slip: adding a 9 it often forgets the carry (``9 plus 17 is 16``), and the
+total goes on from there to a wrong answer. Answers are graded as the math evaluation grades
+them (``tropd_jax.math_grading``: the last ``\\boxed{}``).
 
 Digits are 1-9, so totals stay below 82 and every step is one addition of a digit to a number
-below 100. A solution is 205-261 characters, one token each under the task's tokenizer.
+below 100. A solution is 205-270 characters, one token each under the task's tokenizer.
 """
 
 from __future__ import annotations
@@ -38,18 +39,18 @@ from tropd_jax import math_grading
 
 NUM_VALUES = 9
 LABELS = "abcdefghi"
-WORDINGS = ("plus", "add", "make")
+WORDINGS = ("plus", "add", "more")
 LINES = {  # How a line adds digit x to the total a, giving b.
-    "plus": "{label}: {a} plus {x} is {b}.",
+    "plus": "{label}: {x} plus {a} is {b}.",
     "add": "{label}: add {x} to {a}, get {b}.",
-    "make": "{label}: {a} and {x} make {b}.",
+    "more": "{label}: {x} more than {a} is {b}.",
 }
 OPENINGS = ("We add the values in order.", "Keep a running total.")
 CLOSINGS = ("The answer is \\boxed{{{total}}}.", "So the total is \\boxed{{{total}}}.")
-_LINE_PATTERNS = (  # Reads (label, a, x, b) back from a line in any wording.
+_LINE_PATTERNS = (  # Reads (label, x, a, b) back from a line in any wording.
     re.compile(r"^(\w): (\d+) plus (\d+) is (\d+)\.$"),
-    re.compile(r"^(\w): add (?P<x>\d+) to (?P<a>\d+), get (\d+)\.$"),
-    re.compile(r"^(\w): (\d+) and (\d+) make (\d+)\.$"),
+    re.compile(r"^(\w): add (\d+) to (\d+), get (\d+)\.$"),
+    re.compile(r"^(\w): (\d+) more than (\d+) is (\d+)\.$"),
 )
 
 
@@ -166,11 +167,8 @@ def read_steps(solution: str) -> list[tuple[str, int, int, int]]:
     for pattern in _LINE_PATTERNS:
       m = pattern.match(line)
       if m:
-        g = m.groupdict()
-        label, a, x, b = m.group(1), *(int(v) for v in m.groups()[1:])
-        if g:  # The ``add`` wording names the digit before the total.
-          a, x = int(g["a"]), int(g["x"])
-        steps.append((label, a, x, b))
+        x, a, b = (int(v) for v in m.groups()[1:])
+        steps.append((m.group(1), a, x, b))
   return steps
 
 
