@@ -5,7 +5,7 @@ Launch (no internet, no accelerator needed; the models and data ship in tropd_ja
   JAX_PLATFORMS=cpu python -m tropd_jax.main --config=configs/tally.py
 
 The task (tropd_jax/tally/task.py): a running total over nine labelled digits, one line per digit
-and a boxed result, 205-270 tokens a solution. The teacher writes its lines one way, the student
+and a boxed result, 223-287 tokens a solution. The teacher writes its lines one way, the student
 mostly two other ways that mean the same, and the student slips on a few carries: most tokens
 the teacher finds unlikely in the student's rollouts are harmless choices of wording, a few are
 its errors (``python -m tropd_jax.experiments.diagnose --task=tally`` counts them). The models:
@@ -51,16 +51,16 @@ def get_config(variant: str | None = None):
 
   c.rollout.prompts_per_step = 8
   c.rollout.num_samples = 4
-  c.rollout.max_new_tokens = 288  # A correct solution is at most 271 tokens with its end token.
+  c.rollout.max_new_tokens = 304  # A correct solution is at most 288 tokens with its end token.
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.slots = 64  # All rows of a step decoded at once.
-  # Prompts alone fit 64; a guided row's context, prompt + a whole teacher solution (59 + 271
-  # tokens), fits 336.
-  c.rollout.prompt_buckets = (64, 336)
+  # Prompts alone fit 64; a guided row's context, prompt + a whole teacher solution (59 + 288
+  # tokens), fits 352.
+  c.rollout.prompt_buckets = (64, 352)
 
   c.guidance.per_prompt = 1
-  c.guidance.max_teacher_tokens = 288
+  c.guidance.max_teacher_tokens = 304
   c.guidance.teacher_temperature = 0.6
 
   c.objective.top_k = 64
@@ -71,7 +71,9 @@ def get_config(variant: str | None = None):
   c.train.schedule = "constant"
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
-  c.train.micro_batch = 4  # Packed rows of 640 positions (two sequences each); a step fills ~20.
+  # The longest sequence a step can hold (352 + 304): two sequences a row, a step fills ~20.
+  c.train.pack_length = 656
+  c.train.micro_batch = 4
   c.train.score_chunk = 128
 
   c.checkpoint.every = 1000  # Only the last step is saved (the final step always is).
@@ -81,7 +83,7 @@ def get_config(variant: str | None = None):
   c.eval.paths = (os.path.join(ASSETS, "heldout.jsonl"),)
   c.eval.every = 10
   c.eval.k = 2  # avg@2 over 128 problems: 256 graded samples per evaluation.
-  c.eval.max_new_tokens = 288
+  c.eval.max_new_tokens = 304
   c.eval.temperature = 0.6
   c.eval.limit = 0
   return c

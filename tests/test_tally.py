@@ -26,13 +26,15 @@ def test_problem_and_its_solutions():
   assert PROBLEM.prompt == "Sum a=7 b=3 c=2 d=9 e=4 f=1 g=8 h=5 i=6."
   assert PROBLEM.totals() == [7, 10, 12, 21, 25, 26, 34, 39, 45] and PROBLEM.answer == 45
   assert PROBLEM.solution() == (
-      "We add the values in order.\na: start at 7.\nb: 3 plus 7 is 10.\nc: 2 plus 10 is 12.\n"
-      "d: 9 plus 12 is 21.\ne: 4 plus 21 is 25.\nf: 1 plus 25 is 26.\ng: 8 plus 26 is 34.\n"
-      "h: 5 plus 34 is 39.\ni: 6 plus 39 is 45.\nThe answer is \\boxed{45}.")
+      "We add the values in order.\na=7: start at 7.\nb=3: 7 plus 3 is 10.\n"
+      "c=2: 10 plus 2 is 12.\nd=9: 12 plus 9 is 21.\ne=4: 21 plus 4 is 25.\n"
+      "f=1: 25 plus 1 is 26.\ng=8: 26 plus 8 is 34.\nh=5: 34 plus 5 is 39.\n"
+      "i=6: 39 plus 6 is 45.\nThe answer is \\boxed{45}.")
   assert PROBLEM.solution(MIXED).splitlines()[:5] == [
-      "Keep a running total.", "a: start at 7.", "b: 3 plus 7 is 10.",
-      "c: add 2 to 10, get 12.", "d: 9 more than 12 is 21."]
-  assert PROBLEM.solution(MIXED).endswith("i: add 6 to 39, get 45.\nSo the total is \\boxed{45}.")
+      "Keep a running total.", "a=7: start at 7.", "b=3: 7 plus 3 is 10.",
+      "c=2: add 2 to 10, get 12.", "d=9: 9 more than 12 is 21."]
+  assert PROBLEM.solution(MIXED).endswith("i=6: add 6 to 39, get 45.\nSo the total is "
+                                          "\\boxed{45}.")
   assert PROBLEM.record() == {"problem": PROBLEM.prompt, "answer": "45"}
 
 
@@ -51,7 +53,7 @@ def test_wordings_mean_the_same_and_are_graded_the_same():
 
 def test_a_slip_is_one_forgotten_carry_and_a_wrong_answer():
   slipped = PROBLEM.solution(slips=[3])
-  assert "d: 9 plus 12 is 11." in slipped and slipped.endswith("\\boxed{35}.")
+  assert "d=9: 12 plus 9 is 11." in slipped and slipped.endswith("\\boxed{35}.")
   read = task.read_steps(slipped)
   wrong = [(label, a, x, b) for label, a, x, b in read if a + x != b]
   assert wrong == [("d", 12, 9, 11)]  # The chain goes on correctly from the wrong total.
@@ -78,7 +80,7 @@ def test_mixtures_draw_their_wordings_and_slips():
   wrong = [not task.is_correct(s, p.answer) for p, s in drawn]
   assert 0.35 < np.mean(wrong) < 0.6
   lines = [line for _, s in drawn for line in s.splitlines()]
-  plus = np.mean([" plus " in line for line in lines if line[:3] in [f"{c}: " for c in "bcdefghi"]])
+  plus = np.mean([" plus " in line for line in lines if line[:1] in "bcdefghi" and "=" in line])
   assert 0.05 < plus < 0.15
 
 
@@ -139,7 +141,7 @@ def test_teacher_solves_what_the_student_gets_wrong():
   for name in ("teacher", "student"):
     model = models.from_pretrained(os.path.join(ASSETS, name))
     tok = models.load_tokenizer(os.path.join(ASSETS, name))
-    generate_fn = evaluate.sampler_generate_fn(model, tok, None, max_new_tokens=288,
+    generate_fn = evaluate.sampler_generate_fn(model, tok, None, max_new_tokens=304,
                                                temperature=0.0)
     acc[name] = evaluate.evaluate(generate_fn, tok, problems, k=1)["avg@k"]
   assert acc["teacher"] >= 0.75, acc
@@ -170,7 +172,7 @@ def test_two_training_steps(tmp_path):
       "workdir": str(tmp_path / "run"), "steps": 2, "rollout.prompts_per_step": 2,
       "rollout.num_samples": 2, "rollout.max_new_tokens": 24, "rollout.slots": 8,
       "rollout.prompt_buckets": (64, 96), "guidance.max_teacher_tokens": 24,
-      "train.micro_batch": 8, "eval.limit": 2, "eval.k": 1, "eval.max_new_tokens": 24,
+      "train.pack_length": 0, "train.micro_batch": 8, "eval.limit": 2, "eval.k": 1, "eval.max_new_tokens": 24,
       "eval.every": 0})
   last = train.run_training(config)
   assert np.isfinite(last["loss"]) and np.isfinite(last["grad_norm"])

@@ -38,9 +38,9 @@ from tropd_jax.tally import ASSETS, task
 
 log = logging.getLogger(__name__)
 
-SEQ_LEN = 336  # Chat-templated prompt (59 tokens) + the longest solution (270) and its end token.
+SEQ_LEN = 352  # Chat-templated prompt (59 tokens) + the longest solution (287) and its end token.
 MAX_POSITIONS = 512
-MAX_NEW_TOKENS = 288
+MAX_NEW_TOKENS = 304
 HELDOUT_SEED, TRAIN_SEED = 1234, 5678
 NUM_HELDOUT, NUM_TRAIN = 128, 4096
 EVAL_TEMPERATURE, EVAL_K = 0.6, 2
@@ -56,11 +56,11 @@ class Recipe(sft.Recipe):
 
 # Two heads a layer: at 320 positions attention is most of a step's time on a CPU, and two
 # suffice for the label lookup and the two addends.
-TEACHER = Recipe("teacher", d_model=96, num_layers=3, num_heads=2, d_ff=384, steps=600,
+TEACHER = Recipe("teacher", d_model=96, num_layers=3, num_heads=2, d_ff=384, steps=1000,
                  batch=32, lr=3e-3, seed=0,
                  mixture=task.Mixture(wordings=(0.94, 0.03, 0.03), other_sentences=0.03,
                                       slip_prob=0.0))
-STUDENT = Recipe("student", d_model=96, num_layers=3, num_heads=2, d_ff=256, steps=700,
+STUDENT = Recipe("student", d_model=96, num_layers=3, num_heads=2, d_ff=256, steps=1000,
                  batch=32, lr=3e-3, seed=1,
                  mixture=task.Mixture(wordings=(0.1, 0.45, 0.45), other_sentences=0.5,
                                       slip_prob=0.7))

@@ -5,25 +5,26 @@ worked solution opens with a sentence, starts the total at the first digit, writ
 further digit and boxes the final total::
 
     We add the values in order.
-    a: start at 7.
-    b: 3 plus 7 is 10.
-    c: add 2 to 10, get 12.
-    d: 9 more than 12 is 21.
+    a=7: start at 7.
+    b=3: 7 plus 3 is 10.
+    c=2: add 2 to 10, get 12.
+    d=9: 9 more than 12 is 21.
     ...
     The answer is \\boxed{45}.
 
-Every line may be worded three ways (``WORDINGS``: ``plus``, ``add``, ``more``), and the opening
-and closing sentences two ways each: a solution's ``Style`` picks one wording per line. All of
-them mean the same and are graded the same. Each wording names the new digit first, at a fixed
-place after the label, so that finding it in the prompt is one lookup a tiny model learns early.
-The teacher is trained on the ``plus`` wording almost always, the student mostly on the other
-two, so most tokens on which the two models disagree choose a wording, not a number. The student
-also has one habitual slip: adding a 9 it often forgets the carry (``9 plus 17 is 16``), and the
-total goes on from there to a wrong answer. Answers are graded as the math evaluation grades
-them (``tropd_jax.math_grading``: the last ``\\boxed{}``).
+Each line opens with its item as the prompt writes it (``c=2``): the digit follows the same two
+tokens in the prompt, so finding it is the copy a tiny model learns first (an induction head).
+A line may be worded three ways (``WORDINGS``: ``plus``, ``add``, ``more``; they differ in phrase
+and in the order of the two addends), and the opening and closing sentences two ways each: a
+solution's ``Style`` picks one wording per line. All of them mean the same and are graded the
+same. The teacher is trained on the ``plus`` wording almost always, the student mostly on the
+other two, so most tokens on which the two models disagree choose a wording, not a number. The
+student also has one habitual slip: adding a 9 it often forgets the carry (``17 plus 9 is
+16``), and the total goes on from there to a wrong answer. Answers are graded as the math
+evaluation grades them (``tropd_jax.math_grading``: the last ``\\boxed{}``).
 
 Digits are 1-9, so totals stay below 82 and every step is one addition of a digit to a number
-below 100. A solution is 205-270 characters, one token each under the task's tokenizer.
+below 100. A solution is 223-287 characters, one token each under the task's tokenizer.
 """
 
 from __future__ import annotations
@@ -41,16 +42,16 @@ NUM_VALUES = 9
 LABELS = "abcdefghi"
 WORDINGS = ("plus", "add", "more")
 LINES = {  # How a line adds digit x to the total a, giving b.
-    "plus": "{label}: {x} plus {a} is {b}.",
-    "add": "{label}: add {x} to {a}, get {b}.",
-    "more": "{label}: {x} more than {a} is {b}.",
+    "plus": "{label}={x}: {a} plus {x} is {b}.",
+    "add": "{label}={x}: add {x} to {a}, get {b}.",
+    "more": "{label}={x}: {x} more than {a} is {b}.",
 }
 OPENINGS = ("We add the values in order.", "Keep a running total.")
 CLOSINGS = ("The answer is \\boxed{{{total}}}.", "So the total is \\boxed{{{total}}}.")
-_LINE_PATTERNS = (  # Reads (label, x, a, b) back from a line in any wording.
-    re.compile(r"^(\w): (\d+) plus (\d+) is (\d+)\.$"),
-    re.compile(r"^(\w): add (\d+) to (\d+), get (\d+)\.$"),
-    re.compile(r"^(\w): (\d+) more than (\d+) is (\d+)\.$"),
+_LINE_PATTERNS = (  # Reads (label, a, x, b) back from a line in any wording.
+    re.compile(r"^(\w)=\d+: (?P<a>\d+) plus (?P<x>\d+) is (?P<b>\d+)\.$"),
+    re.compile(r"^(\w)=\d+: add (?P<x>\d+) to (?P<a>\d+), get (?P<b>\d+)\.$"),
+    re.compile(r"^(\w)=\d+: (?P<x>\d+) more than (?P<a>\d+) is (?P<b>\d+)\.$"),
 )
 
 
@@ -138,7 +139,7 @@ class Problem:
     if not slips <= set(range(1, NUM_VALUES)):
       raise ValueError(f"slips={sorted(slips)}: lines are items 1-{NUM_VALUES - 1}.")
     value = self.values[0]
-    lines = [OPENINGS[style.opening], f"{LABELS[0]}: start at {value}."]
+    lines = [OPENINGS[style.opening], f"{LABELS[0]}={value}: start at {value}."]
     for i, wording in enumerate(style.wordings, start=1):
       x = self.values[i]
       result = value // 10 * 10 + (value + x) % 10 if i in slips else value + x
@@ -167,8 +168,7 @@ def read_steps(solution: str) -> list[tuple[str, int, int, int]]:
     for pattern in _LINE_PATTERNS:
       m = pattern.match(line)
       if m:
-        x, a, b = (int(v) for v in m.groups()[1:])
-        steps.append((m.group(1), a, x, b))
+        steps.append((m.group(1), int(m["a"]), int(m["x"]), int(m["b"])))
   return steps
 
 
