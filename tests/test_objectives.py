@@ -167,6 +167,8 @@ CONFIGS = [
     ObjectiveConfig.preset("fkl_outlier"),
     ObjectiveConfig.preset("clip_outlier"),
     ObjectiveConfig.preset("mask_outlier"),
+    ObjectiveConfig.preset("clip_outlier", region="bernoulli"),
+    ObjectiveConfig.preset("mask_outlier", region="bernoulli"),
     ObjectiveConfig.preset("topk_fkl"),
     ObjectiveConfig.preset("topk_fkl", fkl_support="topk_tail"),
     ObjectiveConfig.preset("jsd"),
@@ -238,6 +240,28 @@ def test_hard_coded_small_case(name):
   loss, _ = jax_loss(cfg, *(jnp.asarray(a, jnp.float32) if a.dtype == float else a for a in args))
   np.testing.assert_allclose(loss, EXPECTED[name], rtol=1e-6)
   np.testing.assert_allclose(np_loss, EXPECTED[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip_outlier", "mask_outlier"])
+def test_clip_and_mask_outlier_take_the_bernoulli_region(name):
+  """``region="bernoulli"``: the outliers are TrOPD's `u ≥ min(πT/πθ, 1)`, not `A < log 0.1`."""
+  zs, zt, tokens, u, completion, prefix = random_inputs(0)
+  args = [jnp.asarray(zs, jnp.float32), jnp.asarray(zt, jnp.float32), tokens,
+          jnp.asarray(u, jnp.float32), completion, prefix]
+  threshold = ObjectiveConfig.preset(name, top_k=K)
+  bernoulli = ObjectiveConfig.preset(name, top_k=K, region="bernoulli")
+  assert bernoulli.outlier == threshold.outlier and not bernoulli.guidance
+  st = np_stats(zs, zt, tokens, K)
+  adv = (st["tau"] - st["s"])[completion]
+  in_bernoulli, in_threshold = u[completion] < np.minimum(np.exp(adv), 1), adv > math.log(0.1)
+  assert np.any(in_bernoulli != in_threshold)  # The inputs tell the two regions apart.
+  for cfg, inside in ((threshold, in_threshold), (bernoulli, in_bernoulli)):
+    loss, (_, metrics) = jax_loss(cfg, *args)
+    np.testing.assert_allclose(objectives.metric_means(metrics)["trust_frac"], inside.mean(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(loss, np_loss_and_grad(cfg, zs, zt, tokens, u, completion,
+                                                      prefix)[0], rtol=1e-5)
+  assert not np.isclose(jax_loss(threshold, *args)[0], jax_loss(bernoulli, *args)[0])
 
 
 def test_every_objective_is_covered():
