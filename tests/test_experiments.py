@@ -115,8 +115,9 @@ def test_summarize_hand_made_rollouts():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   root = tmp_path_factory.mktemp("diagnose")
-  make_hf_model(root / "teacher", "qwen2", seed=1, layers=2, d_model=32, peaked=3.0)
-  make_hf_model(root / "student", "qwen2", seed=2, layers=1, d_model=32, peaked=3.0)
+  # Peaked logits: two random models then disagree by far more than a factor of ten somewhere.
+  make_hf_model(root / "teacher", "qwen2", seed=1, layers=2, d_model=32, peaked=30.0)
+  make_hf_model(root / "student", "qwen2", seed=2, layers=1, d_model=32, peaked=30.0)
   for name in ("teacher", "student"):
     make_tokenizer(root / name)
   with open(root / "train.jsonl", "w") as f:
