@@ -179,3 +179,30 @@ def test_two_training_steps(tmp_path):
   records = metrics_lib.read_metrics(str(tmp_path / "run"))
   assert [r["step"] for r in records] == [0, 1, 2]
   assert records[1]["rollout/response_length"] > 0 and "eval/avg@k" in records[-1]
+
+
+def test_make_assets_writes_what_the_task_ships(tmp_path):
+  """The models script's shared body, with two-step recipes: the layout of the shipped assets."""
+  import dataclasses
+
+  from tropd_jax.demo import sft
+  from tropd_jax.tally import make_models
+
+  heldout = [p.record() for p in task.make_problems(2, seed=7)]
+  recipes = [dataclasses.replace(r, d_model=16, num_layers=1, d_ff=32, steps=2, batch=2,
+                                 warmup=1)
+             for r in (make_models.TEACHER, make_models.STUDENT)]
+  acc = sft.make_assets(str(tmp_path), heldout, heldout[:1], make_models.build_tokenizer,
+                        recipes, lambda r, tok: make_models._batches(r, tok, set()),
+                        sft.Evaluation(1.0, 1, 4, "a test"),
+                        max_positions=make_models.MAX_POSITIONS)
+  # Four new tokens cannot hold a boxed answer: nothing is graded correct.
+  assert acc == {"teacher": 0.0, "student": 0.0}
+  assert sorted(os.listdir(tmp_path)) == ["heldout.jsonl", "student", "teacher", "train.jsonl"]
+  for name, records in (("heldout.jsonl", heldout), ("train.jsonl", heldout[:1])):
+    with open(tmp_path / name) as f:
+      assert [json.loads(line) for line in f] == records
+  for name in ("teacher", "student"):
+    model = models.from_pretrained(str(tmp_path / name))
+    assert model.cfg.d_model == 16 and model.cfg.max_position_embeddings == 512
+    assert models.load_tokenizer(str(tmp_path / name)).vocab_size == model.cfg.vocab_size

@@ -9,9 +9,12 @@ response tokens only, and written as HF checkpoints by ``models.save_pretrained`
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +162,53 @@ def accuracy(model: models.Transformer, tokenizer: models.Tokenizer, problems: l
   generate_fn = evaluate.sampler_generate_fn(model, tokenizer, None, max_new_tokens=max_new_tokens,
                                              temperature=temperature)
   return evaluate.evaluate(generate_fn, tokenizer, problems, k=k)["avg@k"]
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    for rec in records:
+      f.write(json.dumps(rec) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """How ``make_assets`` reports each model's held-out accuracy: as the task's config evaluates
+  (avg@``k`` sampled at ``temperature``), and greedy; ``config`` names that config."""
+
+  temperature: float
+  k: int
+  max_new_tokens: int
+  config: str
+
+
+def make_assets(out: str, heldout: Sequence[dict], train_prompts: Sequence[dict],
+                build_tokenizer: Callable[[str], models.Tokenizer],
+                recipes: Sequence[Recipe],
+                batches: Callable[[Recipe, models.Tokenizer], Batches],
+                evaluation: Evaluation, *, max_positions: int = 256) -> dict[str, float]:
+  """Writes a task's assets into ``out`` and returns each model's sampled held-out accuracy.
+
+  ``heldout.jsonl`` and ``train.jsonl`` (the records given), then one HF checkpoint per recipe
+  (``<out>/<recipe.name>``: trained on ``batches(recipe, tokenizer)``, saved with the tokenizer
+  that ``build_tokenizer(dir)`` trains and writes), each evaluated on the held-out records.
+  """
+  start = time.perf_counter()
+  write_jsonl(os.path.join(out, "heldout.jsonl"), heldout)
+  write_jsonl(os.path.join(out, "train.jsonl"), train_prompts)
+  tok_dir = os.path.join(out, "tokenizer")
+  tokenizer = build_tokenizer(tok_dir)
+  accuracies = {}
+  ev = evaluation
+  for recipe in recipes:
+    model = train(recipe, tokenizer, batches(recipe, tokenizer), max_positions=max_positions)
+    models.save_pretrained(model, os.path.join(out, recipe.name), tokenizer_dir=tok_dir)
+    sampled = accuracy(model, tokenizer, list(heldout), ev.temperature, ev.k, ev.max_new_tokens)
+    greedy = accuracy(model, tokenizer, list(heldout), 0.0, 1, ev.max_new_tokens)
+    log.info("%s (%d parameters): held-out accuracy %.1f%% sampled at temperature %.1f "
+             "(avg@%d, as %s evaluates), %.1f%% greedy", recipe.name, model.cfg.num_params(),
+             100 * sampled, ev.temperature, ev.k, ev.config, 100 * greedy)
+    accuracies[recipe.name] = sampled
+  shutil.rmtree(tok_dir)
+  log.info("done in %.0f s", time.perf_counter() - start)
+  return accuracies

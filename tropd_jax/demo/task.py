@@ -21,10 +21,8 @@ Running totals stay in [0, 99] and step operands in [1, 9], so a solution is ~20
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from tropd_jax import math_grading
 
@@ -117,10 +115,3 @@ def make_problems(count: int, seed: int, *, exclude: Iterable[str] = (),
 def is_correct(response: str, answer: str | int) -> bool:
   """The evaluation's verdict: the response's last ``\\boxed{}`` equals ``answer``."""
   return math_grading.is_correct(response, str(answer))
-
-
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    for rec in records:
-      f.write(json.dumps(rec) + "\n")

@@ -132,7 +132,7 @@ def table(results: dict[str, list[dict]]) -> str:
   before = np.mean([r["accuracy_before"] for runs in results.values() for r in runs])
   seeds = {len(runs) for runs in results.values()}
   lines = [
-      f"| objective | held-out acc. (%) | Δ vs. student | grad norm | largest grad norm | "
+      "| objective | held-out acc. (%) | Δ vs. student | grad norm | largest grad norm | "
       f"student entropy | trust frac. | paper (%) |",
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
       f"| student before | {100 * before:.1f} | | | | | | {PAPER['base']:.2f} |",

@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import random
-import shutil
-import time
 
 from tropd_jax import models
 from tropd_jax.demo import sft
@@ -92,26 +89,13 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default=ASSETS, help="output directory (default: the shipped assets)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  start = time.perf_counter()
   heldout = task.make_problems(NUM_HELDOUT, HELDOUT_SEED)
   exclude = {p.prompt for p in heldout}
   train_prompts = task.make_problems(NUM_TRAIN, TRAIN_SEED, exclude=exclude)
-  task.write_jsonl(os.path.join(args.out, "heldout.jsonl"), [p.record() for p in heldout])
-  task.write_jsonl(os.path.join(args.out, "train.jsonl"), [p.record() for p in train_prompts])
-  tok_dir = os.path.join(args.out, "tokenizer")
-  tokenizer = build_tokenizer(tok_dir)
-  records = [p.record() for p in heldout]
-  for recipe in (TEACHER, STUDENT):
-    model = sft.train(recipe, tokenizer, _batches(recipe, tokenizer, exclude),
-                      max_positions=MAX_POSITIONS)
-    models.save_pretrained(model, os.path.join(args.out, recipe.name), tokenizer_dir=tok_dir)
-    sampled = sft.accuracy(model, tokenizer, records, EVAL_TEMPERATURE, EVAL_K, MAX_NEW_TOKENS)
-    greedy = sft.accuracy(model, tokenizer, records, 0.0, 1, MAX_NEW_TOKENS)
-    log.info("%s (%d parameters): held-out accuracy %.1f%% sampled at temperature %.1f "
-             "(avg@%d, as configs/tally.py evaluates), %.1f%% greedy", recipe.name,
-             model.cfg.num_params(), 100 * sampled, EVAL_TEMPERATURE, EVAL_K, 100 * greedy)
-  shutil.rmtree(tok_dir)
-  log.info("done in %.0f s", time.perf_counter() - start)
+  sft.make_assets(args.out, [p.record() for p in heldout], [p.record() for p in train_prompts],
+                  build_tokenizer, (TEACHER, STUDENT),
+                  lambda recipe, tokenizer: _batches(recipe, tokenizer, exclude),
+                  sft.Evaluation(EVAL_TEMPERATURE, EVAL_K, MAX_NEW_TOKENS, "configs/tally.py"), max_positions=MAX_POSITIONS)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,9 @@ below 100. A solution is 223-287 characters, one token each under the task's tok
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from tropd_jax import math_grading
 
@@ -192,10 +190,3 @@ def make_problems(count: int, seed: int, *, exclude: Iterable[str] = ()) -> list
 def is_correct(response: str, answer: str | int) -> bool:
   """The evaluation's verdict: the response's last ``\\boxed{}`` equals ``answer``."""
   return math_grading.is_correct(response, str(answer))
-
-
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    for rec in records:
-      f.write(json.dumps(rec) + "\n")
