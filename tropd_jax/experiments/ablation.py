@@ -133,7 +133,7 @@ def table(results: dict[str, list[dict]]) -> str:
   seeds = {len(runs) for runs in results.values()}
   lines = [
       "| objective | held-out acc. (%) | Δ vs. student | grad norm | largest grad norm | "
-      f"student entropy | trust frac. | paper (%) |",
+      "student entropy | trust frac. | paper (%) |",
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
       f"| student before | {100 * before:.1f} | | | | | | {PAPER['base']:.2f} |",
   ]
