@@ -124,8 +124,9 @@ def test_plot_metrics(tmp_path):
 
 
 def test_console_shows_our_lines_and_warnings_the_log_file_everything(tmp_path, capsys):
-  root = logging.getLogger()
-  before = list(root.handlers), root.level
+  root, absl = logging.getLogger(), logging.getLogger("absl")
+  before = list(root.handlers), root.level, absl.level
+  absl.setLevel(logging.NOTSET)  # As a fresh process has it (a command may have raised it).
   try:
     metrics.configure_console_logging()
     metrics.configure_console_logging()  # Idempotent: one console handler.
@@ -138,6 +139,7 @@ def test_console_shows_our_lines_and_warnings_the_log_file_everything(tmp_path, 
   finally:
     root.handlers[:] = before[0]
     root.setLevel(before[1])
+    absl.setLevel(before[2])
   err = capsys.readouterr().err
   assert err.count("step 1 eval") == 1 and "a library warning" in err
   assert "orbax: checkpoint details" not in err
