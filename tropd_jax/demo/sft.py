@@ -198,13 +198,12 @@ def make_assets(out: str, heldout: Sequence[dict], train_prompts: Sequence[dict]
   write_jsonl(os.path.join(out, "train.jsonl"), train_prompts)
   tok_dir = os.path.join(out, "tokenizer")
   tokenizer = build_tokenizer(tok_dir)
-  accuracies = {}
-  ev = evaluation
+  accuracies, problems, ev = {}, list(heldout), evaluation
   for recipe in recipes:
     model = train(recipe, tokenizer, batches(recipe, tokenizer), max_positions=max_positions)
     models.save_pretrained(model, os.path.join(out, recipe.name), tokenizer_dir=tok_dir)
-    sampled = accuracy(model, tokenizer, list(heldout), ev.temperature, ev.k, ev.max_new_tokens)
-    greedy = accuracy(model, tokenizer, list(heldout), 0.0, 1, ev.max_new_tokens)
+    sampled = accuracy(model, tokenizer, problems, ev.temperature, ev.k, ev.max_new_tokens)
+    greedy = accuracy(model, tokenizer, problems, 0.0, 1, ev.max_new_tokens)
     log.info("%s (%d parameters): held-out accuracy %.1f%% sampled at temperature %.1f "
              "(avg@%d, as %s evaluates), %.1f%% greedy", recipe.name, model.cfg.num_params(),
              100 * sampled, ev.temperature, ev.k, ev.config, 100 * greedy)
