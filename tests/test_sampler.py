@@ -298,9 +298,9 @@ def test_decode_loop_moves_no_weights_on_a_mesh(checkpoints):
     release = mesh_lib.put(np.zeros(slots, bool), ("batch",), mesh)
 
     def cost_of(params):
-      compiled = engine_lib._decode.lower(
-          graphdef, params, state, table, np.int32(8), np.int32(9), release, config=config,
-          rules=engine.rules, live_pages=width).compile()
+      compiled = engine_lib.programs(graphdef, config, engine.rules).decode.lower(
+          params, state, table, np.int32(8), np.int32(9), release,
+          live_pages=width).compile()
       return hlo_cost.analyze(compiled.as_text(), unknown_trip_count=8)
 
     decode_params = jax.jit(lambda p: p, out_shardings=layout_lib.param_shardings(

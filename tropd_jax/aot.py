@@ -333,6 +333,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     """Compiles an engine's prefill (and decode) at ``context`` tokens; ``rows`` admitted and
     ``iterations`` decode steps per step (or per run, for teacher responses)."""
     state_sds = _engine_state(model_cfg, cfg, mesh, rules, slots, pages, width)
+    programs = engine_lib.programs(graph, cfg.program(), _rules_key(rules))
     pool_b = layout_lib.chip_bytes((state_sds.k_pages, state_sds.v_pages))
     inside = {"params": layout_lib.chip_bytes(params), "kv_cache": pool_b}
     t = cfg.bucket(context)
@@ -340,7 +341,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     n_rows = rows_local * shards
     row = lambda shape, dtype, axes: _sds(shape, dtype, axes, mesh)
     with mesh_lib.use_rules(rules):
-      args = (graph, params, state_sds, row((n_rows, t), jnp.int32, ("batch", None)),
+      args = (params, state_sds, row((n_rows, t), jnp.int32, ("batch", None)),
               row((n_rows,), jnp.int32, ("batch",)), row((n_rows,), jnp.int32, ("batch",)),
               row((n_rows, width), jnp.int32, ("batch", None)),
               row((n_rows,), jnp.int32, ("batch",)), row((n_rows,), jnp.int32, ("batch",)),
@@ -348,9 +349,8 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     calls = rows / n_rows if per_step else 0.0
     scale = min(1.0, live_tokens / t) if prefix == "guided" else 1.0
     compiler.compile(f"{prefix}/prefill", f"{n_rows} rows x {t} context, pool {pages} pages "
-                     f"x {cfg.page_size}", calls, engine_lib._prefill, *args,
-                     config=cfg.program(),
-                     rules=_rules_key(rules), resident=resident, inside=inside, scale=scale,
+                     f"x {cfg.page_size}", calls, programs.prefill, *args,
+                     resident=resident, inside=inside, scale=scale,
                      note="time scaled to the mean context" if scale < 1 else "")
     if not decode:
       return
@@ -363,7 +363,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
         slots // shards * -(-int(live_tokens + cfg.chunk_steps) // cfg.page_size),
         slots // shards, width)
     with mesh_lib.use_rules(rules):
-      d_args = (graph, params, state_sds, row((slots, width), jnp.int32, ("batch", None)),
+      d_args = (params, state_sds, row((slots, width), jnp.int32, ("batch", None)),
                 jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                 row((slots,), jnp.bool_, ("batch",)), jax.ShapeDtypeStruct((2,), jnp.float32))
     # The Pallas kernel reads a row's live pages in place; XLA cannot see into it.
@@ -373,8 +373,7 @@ def compile_run(config: ml_collections.ConfigDict, devices, *, hbm: int,
     reads = "each row's live pages" if pallas else f"{live} live pages per shard"
     compiler.compile(f"{prefix}/decode", f"{slots} slots, {cfg.chunk_steps} steps a call, "
                      f"attention over {reads}", iterations if per_step else 0.0,
-                     engine_lib._decode, *d_args, config=cfg.program(), rules=_rules_key(rules),
-                     live_pages=live, resident=resident, inside=inside,
+                     programs.decode, *d_args, live_pages=live, resident=resident, inside=inside,
                      trip_count=1, note="per decode step")
     phase = compiler.phases[-1]
     phase.seconds, phase.bound_by = _decode_iteration(phase, chip, kv_read)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -323,10 +324,27 @@ def take_rows(tokens_BN, logp_BN, slots_R):
   return _replicated(tokens_BN[slots_R]), _replicated(logp_BN[slots_R])
 
 
-_prefill = jax.jit(prefill, static_argnames=("graphdef", "config", "rules"),
-                   donate_argnames=("state",))
-_decode = jax.jit(decode, static_argnames=("graphdef", "config", "rules", "live_pages"),
-                  donate_argnames=("state",))
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted ``prefill`` and ``decode`` of one model structure, sampler config and decode
+  layout, their static arguments bound: a call hashes none of them (the host dispatches
+  hundreds of calls a rollout, and hashing a model's graphdef each time is most of a small
+  call's host work). ``decode`` keeps ``live_pages`` static."""
+
+  prefill: Callable
+  decode: Callable
+
+
+@functools.lru_cache(maxsize=32)
+def programs(graphdef, config: SamplerConfig, rules) -> Programs:
+  """The ``Programs`` of ``graphdef`` (``nnx.split``), ``config`` (``SamplerConfig.program()``)
+  and ``rules`` (the decode layout's table as a tuple of items); equal arguments share them."""
+  bind = lambda fn: functools.partial(fn, graphdef, config=config, rules=rules)
+  return Programs(
+      prefill=jax.jit(bind(prefill), donate_argnames=("state",)),
+      decode=jax.jit(bind(decode), static_argnames=("live_pages",), donate_argnames=("state",)))
+
+
 _take_rows = jax.jit(take_rows)
 _init_state = jax.jit(init_state, static_argnames=(
     "model_cfg", "config", "slots", "pages", "pages_per_row", "dtype", "rules"))
@@ -494,6 +512,14 @@ class _Scheduler:
     self.prefill_calls = self.decode_calls = self.decode_steps = 0
     self.busy_slot_steps = self.preemptions = self.last_steps = 0
     self.tokens_drawn = 0
+    self.programs = programs(engine.graphdef, self.cfg.program(), engine.rules)
+    self.draw_params = self.cfg.draw_params()
+
+  def _put(self, x: np.ndarray, axes) -> np.ndarray | jax.Array:
+    """A host array for a program call: placed with its sharding on a mesh; without one, as
+    it is (the call transfers it, cheaper than a separate device_put)."""
+    mesh = self.engine.mesh
+    return x if mesh is None else mesh_lib.put(x, axes, mesh)
 
   # Pages ---------------------------------------------------------------------------------------
 
@@ -587,11 +613,11 @@ class _Scheduler:
         table[k] = self.page_table[shard * self.slots_local + slot]
         row_ids[k] = request.row_id
         budgets[k] = request.budget
-    put = lambda x, axes: mesh_lib.put(x, axes, self.engine.mesh)
-    state = _prefill(self.engine.graphdef, self.engine.params, state, put(tokens, _ROW_AXES),
-                     put(lengths, _SLOT_AXES), put(slots, _SLOT_AXES), put(table, _ROW_AXES),
-                     put(row_ids, _SLOT_AXES), put(budgets, _SLOT_AXES), np.int32(seed),
-                     self.cfg.draw_params(), config=self.cfg.program(), rules=self.engine.rules)
+    put = self._put
+    state = self.programs.prefill(
+        self.engine.params, state, put(tokens, _ROW_AXES), put(lengths, _SLOT_AXES),
+        put(slots, _SLOT_AXES), put(table, _ROW_AXES), put(row_ids, _SLOT_AXES),
+        put(budgets, _SLOT_AXES), np.int32(seed), self.draw_params)
     self.prefill_calls += 1
     return state
 
@@ -618,9 +644,8 @@ class _Scheduler:
   # The loop ------------------------------------------------------------------------------------
 
   def run(self, state, seed: int, progress):
-    mesh = self.engine.mesh
     self.pallas = paged.resolve_impl(self.cfg.attention, self.engine.model_cfg.head_dim) == "pallas"
-    put = lambda x, axes: mesh_lib.put(x, axes, mesh)
+    put = self._put
     slots = self.shards * self.slots_local
     while self.queue or any(r is not None for rows in self.slot_row for r in rows):
       while self.queue:
@@ -653,10 +678,9 @@ class _Scheduler:
         live = live_pages_bucket(max(pages), self.slots_local, self.width)
       min_ended = (max(1, math.ceil(self.cfg.refill_fraction * slots)) if self.queue
                    else slots + 1)
-      state, status = _decode(
-          self.engine.graphdef, self.engine.params, state, put(self.page_table, _ROW_AXES),
-          np.int32(steps), np.int32(min_ended), put(self.release, _SLOT_AXES),
-          self.cfg.draw_params(), config=self.cfg.program(), rules=self.engine.rules,
+      state, status = self.programs.decode(
+          self.engine.params, state, put(self.page_table, _ROW_AXES), np.int32(steps),
+          np.int32(min_ended), put(self.release, _SLOT_AXES), self.draw_params,
           live_pages=live)
       self.release[:] = False
       done, count, lengths, ran = map(_host, status)
