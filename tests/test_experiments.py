@@ -58,6 +58,7 @@ def test_the_task_flag_chooses_the_config(tmp_path, monkeypatch):
   def run_one(objective, seed, workdir, config_file, steps):
     runs.append((objective, seed, config_file))
     _fake_run(workdir)
+    return True
 
   monkeypatch.setattr(ablation, "run_one", run_one)
   with pytest.raises(SystemExit) as exit_:
@@ -69,6 +70,9 @@ def test_the_task_flag_chooses_the_config(tmp_path, monkeypatch):
                   ("mask_outlier_bernoulli", 1, tally)]
   text = (tmp_path / "results.md").read_text()
   assert "| Mask Outlier (Bernoulli) | 60.0 ± 0.0 | +20.0 | 2 ± 0 | 3 |" in text
+  # The command that made the table, and its wall time.
+  assert "python -m tropd_jax.experiments.ablation --task=tally --objectives=" in text
+  assert "4 of the 4 runs trained by this command" in text
   assert json.loads((tmp_path / "results.json").read_text())["task"] == "tally"
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -66,8 +67,9 @@ def run_config(objective: str, config_file: str):
   return config
 
 
-def run_one(objective: str, seed: int, workdir: str, config_file: str, steps: int | None) -> None:
-  """Trains one (objective, seed) unless its work directory already holds the finished run."""
+def run_one(objective: str, seed: int, workdir: str, config_file: str, steps: int | None) -> bool:
+  """Trains one (objective, seed) unless its work directory already holds the finished run;
+  returns whether it trained."""
   from tropd_jax import train
 
   config = run_config(objective, config_file)
@@ -77,10 +79,11 @@ def run_one(objective: str, seed: int, workdir: str, config_file: str, steps: in
     config.steps = steps
   if _finished(workdir, config.steps):
     log.info("%s seed %d: finished in %s, not rerun", objective, seed, workdir)
-    return
+    return False
   start = time.perf_counter()
   train.run_training(config)
   log.info("%s seed %d: %.0f s", objective, seed, time.perf_counter() - start)
+  return True
 
 
 def _records(workdir: str) -> list[dict]:
@@ -218,6 +221,7 @@ def main(argv=None) -> None:
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
   parser.add_argument("--steps", type=int, default=None, help="default: the task config's")
   args = parser.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   cli.run(lambda: _run(args))
 
 
@@ -264,18 +268,25 @@ def _run(args) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-  start = time.perf_counter()
-  results = {}
+  start, load_before = time.perf_counter(), os.getloadavg()[0]
+  results, trained = {}, 0
   for objective in objectives:
     for seed in seeds:
       workdir = os.path.join(out, objective, f"seed{seed}")
-      run_one(objective, seed, workdir, config_file, args.steps)
+      trained += bool(run_one(objective, seed, workdir, config_file, args.steps))
       results.setdefault(objective, []).append(summarize_run(workdir))
   wall = time.perf_counter() - start
   text = table(results)
+  runs = sum(map(len, results.values()))
+  header = (
+      f"# {args.task}: the ablation\n\n```bash\nJAX_PLATFORMS=cpu python -m "
+      f"tropd_jax.experiments.ablation {' '.join(args.argv)}\n```\n\nWall time: "
+      f"{wall / 60:.1f} min on {os.cpu_count()} CPU cores, one process: {trained} of the {runs} "
+      f"runs trained by this command, the others read back from {out}; load average "
+      f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n\n")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(text + "\n")
+    f.write(header + text + "\n")
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"task": args.task, "wall_s_this_invocation": wall, "results": results}, f,
               indent=1)
