@@ -16,6 +16,11 @@ each engine's best round is reported:
 
 Our timings exclude compilation (a warm-up call; its time is printed). Measure on a quiet
 machine: torch slows down more than XLA when other processes share the cores.
+
+Last, what memory allows: a decode step reads every weight once and the keys and values of
+every row's live tokens. Those bytes over the rate at which this host streams memory (a jitted
+sum over 512 MiB, best of 5) bound a step's time from below, whatever the engine; the bound is
+printed as tokens/s and as a multiple of transformers' decode rate.
 """
 
 from __future__ import annotations
@@ -76,6 +81,22 @@ def _timed(fn, n):
   t0 = time.perf_counter()
   out = fn(n)
   return time.perf_counter() - t0, out
+
+
+def _stream_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+  """Bytes/s at which this host reads memory: a jitted sum over ``mib`` MiB, best of ``repeats``."""
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.ones((mib * 2**20 // 4 // 1024, 1024), jnp.float32)
+  total = jax.jit(lambda a: a.sum(0))
+  total(x).block_until_ready()
+  best = np.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    total(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return x.nbytes / best
 
 
 def main(argv=None) -> None:
@@ -144,6 +165,18 @@ def main(argv=None) -> None:
   print(f"speed-up (transformers time / ours): total {best['torch'][0] / best['ours'][0]:.2f}x, "
         f"decode {best['torch'][1] / best['ours'][1]:.2f}x; rows with identical greedy tokens: "
         f"{same}/{b}; load avg after {os.getloadavg()[0]:.1f}")
+  token_kv = 2 * args.layers * args.kv_heads * (args.d_model // args.heads) * 4
+  weights = ours.cfg.num_params() * 4
+  live = b * (args.prompt_len + (n - 1) / 2) * token_kv  # mean over the decode steps
+  read = stats.attended_pages * args.page_size * token_kv
+  bandwidth = _stream_bandwidth()
+  floor_s = (weights + live) / bandwidth
+  torch_rate = b * (n - 1) / best["torch"][1]
+  print(f"memory per decode step: weights {weights / 2**20:.0f} MiB, live keys and values "
+        f"{live / 2**20:.0f} MiB (ours read {read / 2**20:.0f} MiB: whole pages, and the call's "
+        f"next steps' positions); this host streams {bandwidth / 1e9:.1f} GB/s: a step takes at "
+        f"least {floor_s * 1e3:.1f} ms, {b / floor_s:.0f} tok/s at most, "
+        f"{b / floor_s / torch_rate:.2f}x transformers' decode rate")
 
 
 if __name__ == "__main__":

@@ -288,11 +288,21 @@ def test_sigterm_saves_and_sigkill_resumes(checkpoints, tmp_path):
   assert int(run.state.step) == last
 
 
-def test_phases_compile_once_over_three_steps(checkpoints, tmp_path):
+def test_phases_compile_once_over_three_steps(checkpoints, tmp_path, monkeypatch):
+  ready = []
+  student = train.sampling_student
+
+  def recording(run):
+    ready.append(all(x.is_ready() for x in jax.tree.leaves(run.state.params)))
+    return student(run)
+
+  monkeypatch.setattr(train, "sampling_student", recording)
   config = tiny_config(checkpoints, tmp_path / "run", steps=3)
   train.run_training(config)
   records = metrics_lib.read_metrics(str(tmp_path / "run"))
   assert [r["step"] for r in records] == [1, 2, 3]
+  # time/decode_layout_s times the copy alone: the previous step's update has finished first.
+  assert ready == [True] * 3
   # score, zeros, accumulate, apply and the decode-layout copy: one program each, at every step.
   assert [r["train/compilations"] for r in records] == [5, 5, 5]
   assert records[1]["sampler/compilations"] == records[2]["sampler/compilations"]

@@ -228,6 +228,9 @@ def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout
     rows += sampling.requests(ids, n=r.guided_per_prompt, prefix_ids=prefixes,
                               max_new_tokens=r.max_new_tokens, row_offset=len(rows))
     info["guidance/alpha"] = alpha
+  # The copy reads the parameters the previous step's update writes (dispatched without
+  # waiting): wait for them first, so that the copy's time is the copy's alone.
+  jax.block_until_ready(run.state.params)
   t0 = time.perf_counter()
   model = sampling_student(run)
   jax.block_until_ready(model[1])

@@ -108,6 +108,8 @@ class EngineStats:
     prefill_calls, decode_calls: program calls.
     decode_steps: decode steps run (each a token for every busy slot).
     occupancy: busy slot-steps / (slots x decode steps).
+    attended_pages: KV pages decode attention read per step, all shards (mean over steps; the
+      XLA path reads its whole live-page list, the Pallas kernel each busy row's pages).
     preemptions: rows put back in the queue for want of pages.
     seconds: wall time of the call.
     compilations: engine compilations so far in this process, per program.
@@ -123,6 +125,7 @@ class EngineStats:
   decode_calls: int = 0
   decode_steps: int = 0
   occupancy: float = 0.0
+  attended_pages: float = 0.0
   preemptions: int = 0
   seconds: float = 0.0
   compilations: dict = dataclasses.field(default_factory=dict)
@@ -254,7 +257,8 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     draw_params, config, rules: as ``prefill``.
     live_pages: static. None: attention reads the pool (the Pallas kernel: each row's live
       pages). Else the XLA path: entries per shard of the ``paged.LivePages`` copy the steps
-      read and write; it must hold every busy slot's pages up to ``lengths + max_steps + 1``.
+      read and write; it must hold every busy slot's pages up to position
+      ``lengths + max_steps - 1`` (the last a call can write).
 
   Returns:
     ``(state, status)``: status is ``(done_B, count_B, lengths_B, steps)``, replicated.
@@ -272,7 +276,7 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
       options = dict(impl=config.attention)
     else:
       z, width = config.page_size, page_table_BP.shape[1]
-      pages_B = jnp.where(busy_B, jnp.minimum(-(-(state.lengths_B + max_steps + 1) // z), width),
+      pages_B = jnp.where(busy_B, jnp.minimum(-(-(state.lengths_B + max_steps) // z), width),
                           0)
       kv = paged.gather_live(state.k_pages, state.v_pages, page_table_BP, state.lengths_B,
                              pages_B, live_pages)
@@ -473,6 +477,7 @@ class Engine:
         pages_per_row=width, kv_cache_bytes=kv_bytes, prefill_calls=sched.prefill_calls,
         decode_calls=sched.decode_calls, decode_steps=sched.decode_steps,
         occupancy=sched.busy_slot_steps / max(slots * sched.decode_steps, 1),
+        attended_pages=sched.attended_page_steps / max(sched.decode_steps, 1),
         preemptions=sched.preemptions, seconds=time.perf_counter() - t0,
         compilations=compile_counts())
     return rollout
@@ -511,6 +516,7 @@ class _Scheduler:
     self.release = np.zeros(self.shards * slots_local, bool)
     self.prefill_calls = self.decode_calls = self.decode_steps = 0
     self.busy_slot_steps = self.preemptions = self.last_steps = 0
+    self.attended_page_steps = 0
     self.tokens_drawn = 0
     self.programs = programs(engine.graphdef, self.cfg.program(), engine.rules)
     self.draw_params = self.cfg.draw_params()
@@ -671,7 +677,7 @@ class _Scheduler:
       # call (paged.LivePages), its length from a few sizes.
       live = None
       if not self.pallas:
-        pages = [sum(min(self._pages_for(int(self.lengths[g]) + steps + 1), self.width)
+        pages = [sum(min(self._pages_for(int(self.lengths[g]) + steps), self.width)
                      if self.slot_row[shard][g % self.slots_local] is not None else 0
                      for g in range(shard * self.slots_local, (shard + 1) * self.slots_local))
                  for shard in range(self.shards)]
@@ -688,6 +694,9 @@ class _Scheduler:
       self.decode_steps += int(ran)
       self.last_steps = int(ran)
       self.busy_slot_steps += int(ran) * len(busy)
+      read = (sum(self._pages_for(int(self.lengths[g]) + 1) for g in busy) if live is None
+              else live * self.shards)
+      self.attended_page_steps += read * int(ran)
       self.lengths[:] = lengths
       ended = [g for g in busy if done[g]]
       for start in range(0, len(ended), max(self.slots_local, 1)):
