@@ -203,7 +203,9 @@ class Attention(nnx.Module):
 
   def output(self, out_BTNH):
     """The output projection ``[B, T, N, H] -> [B, T, D]``."""
-    out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...])
+    # Contracting (N, H) in this order, the layout both operands have: an einsum may order
+    # them (H, N), and XLA:CPU then transposes the [N, H, D] weight at every decode step.
+    out_BTD = jax.lax.dot_general(out_BTNH, self.o_NHD[...], (((2, 3), (0, 1)), ((), ())))
     if self.cfg.o_bias:
       out_BTD = out_BTD + expand_to(self.o_bias_D[...], 3)
     return out_BTD
