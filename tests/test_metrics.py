@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import struct
+import time
 
 import fsspec
 import jax.numpy as jnp
@@ -180,9 +181,12 @@ def test_wandb_offline_run_resumes(tmp_path, monkeypatch):
   config = tiny_run.config({"workdir": str(tmp_path / "myrun"), "metrics.wandb_project": "tropd",
                             "train.lr": 3e-4})
   for steps in ((1, 2), (3,)):  # A run, then its resumption.
+    # W&B names a launch's directory by its start second: the resumption starts in a later one.
+    start = int(time.time())
     with metrics.MetricsWriter.from_config(config, enabled=True) as writer:
       for step in steps:
         writer.write(step, {"loss": 1.0 / step, "lr": 3e-4, "bad": float("nan")})
+    time.sleep(max(0.0, start + 1.05 - time.time()))
   run_id = (tmp_path / "myrun" / "wandb_run_id").read_text()
   runs = sorted(glob.glob(f"{tmp_path}/myrun/wandb/offline-run-*-{run_id}"))
   assert len(runs) == 2  # Both launches logged into the one W&B run.
