@@ -165,10 +165,10 @@ def main(argv=None) -> None:
   print(f"speed-up (transformers time / ours): total {best['torch'][0] / best['ours'][0]:.2f}x, "
         f"decode {best['torch'][1] / best['ours'][1]:.2f}x; rows with identical greedy tokens: "
         f"{same}/{b}; load avg after {os.getloadavg()[0]:.1f}")
-  token_kv = 2 * args.layers * args.kv_heads * (args.d_model // args.heads) * 4
+  token_kv = stats.kv_cache_bytes / (stats.pages * args.page_size)  # every layer's k and v
   weights = ours.cfg.num_params() * 4
   live = b * (args.prompt_len + (n - 1) / 2) * token_kv  # mean over the decode steps
-  read = stats.attended_pages * args.page_size * token_kv
+  read = stats.attended_pages * stats.kv_cache_bytes / stats.pages
   bandwidth = _stream_bandwidth()
   floor_s = (weights + live) / bandwidth
   torch_rate = b * (n - 1) / best["torch"][1]

@@ -90,13 +90,13 @@ def main(argv=None) -> None:
       seconds, gen = run(budget, stop_ids, prompts)
       if name not in best or seconds < best[name][0]:
         best[name] = (seconds, gen)
-  page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * args.page_size * 4
   rates = {}
   for name, _, _ in runs:
     seconds, gen = best[name]
     tokens = int(gen.rollout.lengths.sum())
     rates[name] = tokens / seconds
     st = gen.stats
+    page_bytes = st.kv_cache_bytes / st.pages  # keys and values of every layer
     print(f"{name:9s} {tokens:8d} tokens in {seconds:6.2f} s: {rates[name]:8.0f} tokens/s "
           f"(mean length {tokens / args.prompts:.0f}, longest {gen.rollout.lengths.max()}; "
           f"{st.decode_steps} decode steps, {seconds / st.decode_steps * 1e3:.2f} ms a step, "
