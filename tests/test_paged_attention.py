@@ -77,14 +77,18 @@ def test_xla_equals_reference_and_contiguous_attend(g, q):
   np.testing.assert_allclose(_paged(c, impl="xla"), want, atol=2e-6)
 
 
-def _live_step(c, lengths_B, num_entries, spare=0):
+def _live_step(c, lengths_B, num_entries, spare=0, written_only=False):
   """Gathers each row's pages (``spare`` more than its length needs, as for a decode call's
-  growth), writes one token per row at ``lengths_B - 1`` and attends over the rows."""
+  growth), writes one token per row at ``lengths_B - 1`` and attends over the rows.
+  ``written_only``: only the page each row wrote goes back to the pool."""
   z = c["k_pages"].shape[2]
   pages_B = -(-lengths_B // z) + spare
   live = pa.gather_live((c["k_pages"],), (c["v_pages"],), c["table"], lengths_B - 1, pages_B,
                         num_entries)
   out, live = live.write_attend(0, c["q"], c["new_BGH"], c["new_BGH"] + 1)
+  if written_only:
+    first = np.maximum(lengths_B - 1, 0) // z
+    return out, live.scatter((c["k_pages"],), (c["v_pages"],), first, 1)
   return out, live.scatter((c["k_pages"],), (c["v_pages"],))
 
 
@@ -107,8 +111,9 @@ def test_live_pages_equal_the_reference(g, q):
   c["table"][2] = pa.SCRATCH_PAGE
   want, (k_want, v_want) = _pool_step(c, lengths)
   need = int(sum(-(-length // 4) for length in lengths))  # 1 + 4 + 0 + 3 + 2 + 1 = 11
-  for entries in (need, need + 5):
-    out, (k, v) = _live_step(c, lengths, entries)
+  for entries, written_only in ((need, False), (need + 5, False), (need, True),
+                                (need + 5, True)):
+    out, (k, v) = _live_step(c, lengths, entries, written_only=written_only)
     np.testing.assert_allclose(out, want, atol=2e-6)
     np.testing.assert_array_equal(np.asarray(k[0])[:, 1:], np.asarray(k_want)[:, 1:])
     np.testing.assert_array_equal(np.asarray(v[0])[:, 1:], np.asarray(v_want)[:, 1:])
@@ -129,6 +134,37 @@ def test_live_pages_cost_follows_the_entries():
                         np.full(4, 2, np.int32), c["new_BGH"]).compile()
     costs[entries] = compiled.cost_analysis()
   assert 3 < costs[32]["flops"] / costs[8]["flops"] < 5
+
+
+def _computations(hlo: str) -> dict[str, str]:
+  """The compiled HLO's computations by name (each from its header to its closing brace)."""
+  out, name = {}, None
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      name = line.split()[0].lstrip("%")
+      out[name] = ""
+    elif name is not None:
+      out[name] += line + "\n"
+  return out
+
+
+def test_live_attention_computes_the_queries_once_per_slot():
+  """The queries' producer (here a sine, as the rotary embedding's) runs once per slot, not
+  inside the per-entry gather, which XLA:CPU would otherwise fuse it into."""
+  c = _case(lengths=(3, 5, 2, 7), pages_per_row=16, seed=5)
+  c["new_BGH"] = np.zeros((4, 2, 16), np.float32)
+  fn = jax.jit(lambda *a: pa.LivePages.write_attend(
+      pa.gather_live(a[1], a[2], a[3], a[4], a[5], 32), 0, jnp.sin(a[0]) * 3.0, a[6],
+      a[6])[0])
+  args = (c["q"], (c["k_pages"],), (c["v_pages"],), c["table"], c["lengths"],
+          np.full(4, 2, np.int32), c["new_BGH"])
+  hlo = fn.lower(*args).compile().as_text()
+  sines = [name for name, body in _computations(hlo).items() if "sine(" in body]
+  assert sines
+  assert not [name for name in sines if "gather(" in _computations(hlo)[name]], sines
+  given = jax.jit(lambda *a: pa.LivePages.write_attend(  # the queries computed beforehand
+      pa.gather_live(a[1], a[2], a[3], a[4], a[5], 32), 0, a[0], a[6], a[6])[0])
+  np.testing.assert_allclose(fn(*args), given(np.sin(c["q"]) * 3.0, *args[1:]), atol=1e-6)
 
 
 def test_xla_bucket_reads_only_its_pages():

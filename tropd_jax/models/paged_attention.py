@@ -495,23 +495,34 @@ class LivePages:
         (spec.entries, spec.entries, spec.heads, spec.heads, spec.slots, spec.slots,
          spec.slots),
         lambda m, bt: (spec.entries(m, bt),) * 2)
+    on_cpu = attention._platform(mesh_lib.current_mesh()) == "cpu"
     out_BNH = _per_shard(
-        _attend_live, (q_BNH, k, v, self.row_E, self.ord_E, self.lengths_B + 1),
+        functools.partial(_attend_live, query_once=on_cpu), (q_BNH, k, v, self.row_E, self.ord_E, self.lengths_B + 1),
         (spec.heads, spec.entries, spec.entries, spec.slots, spec.slots, spec.slots),
         spec.heads)
     put = lambda pages, x: pages[:layer] + (x,) + pages[layer + 1:]
     return out_BNH, dataclasses.replace(self, k_EGHZ=put(self.k_EGHZ, k),
                                         v_EGZH=put(self.v_EGZH, v))
 
-  def scatter(self, k_pages, v_pages) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  def scatter(self, k_pages, v_pages, first_written_B=None, written_pages: int | None = None
+              ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """The pools ``k_pages``, ``v_pages`` (per layer ``[G, P, Z, H]``) with this copy's pages
-    written back."""
+    written back.
+
+    ``first_written_B`` (int32, which page of its row each slot wrote first) and the static
+    ``written_pages`` (the most pages a slot wrote): only those entries go back, the rest of
+    the copy still equals the pool (default: every entry goes back).
+    """
     k_pages, v_pages = tuple(map(jnp.asarray, k_pages)), tuple(map(jnp.asarray, v_pages))
     spec, n = _LiveSpecs(k_pages[0].shape[0]), len(k_pages)
+    if first_written_B is None:
+      first_written_B, written_pages = jnp.zeros_like(self.start_B), None
     return _per_shard(
-        _scatter_live, (k_pages, v_pages, self.k_EGHZ, self.v_EGZH, self.page_E),
+        functools.partial(_scatter_live, written_pages=written_pages),
+        (k_pages, v_pages, self.k_EGHZ, self.v_EGZH, self.page_E, self.start_B,
+         jnp.asarray(first_written_B, jnp.int32)),
         ((spec.pool,) * n, (spec.pool,) * n, (spec.entries,) * n, (spec.entries,) * n,
-         spec.slots),
+         spec.slots, spec.slots, spec.slots),
         lambda m, bt: ((spec.pool(m, bt),) * n,) * 2)
 
 
@@ -590,12 +601,28 @@ def _write_live(k_EGHZ, v_EGZH, k_BGH, v_BGH, start_B, pages_B, pos_B):
   return k_EGHZ, v_EGZH
 
 
-def _attend_live(q_BNH, k_EGHZ, v_EGZH, row_E, ord_E, lengths_B):
+def _computed_once(x, lengths_B):
+  """``x`` computed into a buffer of its own, on XLA:CPU.
+
+  XLA:CPU fuses an elementwise producer into each of its consumers, and removes optimization
+  barriers: the queries' norm and rotary embedding (a sine and a cosine an element) would be
+  recomputed inside ``_attend_live``'s gather for every entry, not once per slot (measured:
+  most of a step's attention beyond its two dots). A conditional's result is a buffer, and
+  fusion does not cross into it (its predicate is always true; ``lengths_B`` only makes it
+  data-dependent so that it is not folded away).
+  """
+  return jax.lax.cond(jnp.all(lengths_B >= 0), lambda y: y, jnp.zeros_like, x)
+
+
+def _attend_live(q_BNH, k_EGHZ, v_EGZH, row_E, ord_E, lengths_B, *, query_once: bool = False):
   """Each row's softmax over its own entries (segment max and sum; entries of no row form an
-  extra segment)."""
+  extra segment). ``query_once``: compute the queries into a buffer before gathering them per
+  entry (``_computed_once``; for XLA:CPU)."""
   b, n, h = q_BNH.shape
   e, g, _, z = k_EGHZ.shape
   row = jnp.minimum(row_E, b - 1)
+  if query_once:
+    q_BNH = _computed_once(q_BNH, lengths_B)
   q_EGQH = q_BNH[row].reshape(e, g, n // g, h)
   logits_EGQZ = jnp.einsum("EGQH,EGHZ->EGQZ", q_EGQH, k_EGHZ,
                            preferred_element_type=jnp.float32) * (h**-0.5)
@@ -614,8 +641,18 @@ def _attend_live(q_BNH, k_EGHZ, v_EGZH, row_E, ord_E, lengths_B):
   return out_BGQH.reshape(b, n, h).astype(q_BNH.dtype)
 
 
-def _scatter_live(k_pages, v_pages, k_EGHZ, v_EGZH, page_E):
-  """Entries of no row are written to the scratch page (several at once: any one wins)."""
+def _scatter_live(k_pages, v_pages, k_EGHZ, v_EGZH, page_E, start_B, first_written_B, *,
+                  written_pages: int | None):
+  """Entries of no row are written to the scratch page (several at once: any one wins). With
+  ``written_pages``, only each slot's ``written_pages`` entries from its first written one (an
+  entry past the list, or another row's, goes back unchanged: harmless)."""
+  e = page_E.shape[0]
+  if written_pages is not None and written_pages * start_B.shape[0] < e:
+    entry_W = jnp.clip(start_B[:, None] + first_written_B[:, None]
+                       + jnp.arange(written_pages)[None], 0, e - 1).reshape(-1)
+    k_EGHZ = tuple(k[entry_W] for k in k_EGHZ)
+    v_EGZH = tuple(v[entry_W] for v in v_EGZH)
+    page_E = page_E[entry_W]
   k_pages = tuple(p.at[:, page_E].set(jnp.transpose(k, (1, 0, 3, 2)).astype(p.dtype))
                   for p, k in zip(k_pages, k_EGHZ))
   v_pages = tuple(p.at[:, page_E].set(jnp.swapaxes(v, 0, 1).astype(p.dtype))

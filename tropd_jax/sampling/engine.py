@@ -252,7 +252,7 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     state: the engine state (donated).
     page_table_BP: int32 the slots' pages (local to each shard), covering every busy row's
       position up to ``lengths + max_steps``.
-    max_steps, min_ended: int32 scalars.
+    max_steps, min_ended: int32 scalars (at most ``config.chunk_steps`` steps run).
     release_B: bool slots to empty first (rows put back in the queue).
     draw_params, config, rules: as ``prefill``.
     live_pages: static. None: attention reads the pool (the Pallas kernel: each row's live
@@ -266,6 +266,7 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
   _COMPILES["decode"] += 1
   with mesh_lib.use_rules(dict(rules)):
     model = nnx.merge(graphdef, params)
+    max_steps = jnp.minimum(max_steps, config.chunk_steps)  # what the pages were planned for
     state = dataclasses.replace(state, done_B=state.done_B | release_B)
     busy_B = ~state.done_B
     n = state.tokens_BN.shape[1]
@@ -313,7 +314,10 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     if live_pages is None:
       pools = (kv.k_pages, kv.v_pages)
     else:
-      pools = kv.scatter(state.k_pages, state.v_pages)
+      # A slot writes positions lengths ... lengths + steps - 1: at most written_pages pages.
+      written_pages = (config.chunk_steps - 1) // config.page_size + 2
+      pools = kv.scatter(state.k_pages, state.v_pages, state.lengths_B // config.page_size,
+                         written_pages)
     state = dataclasses.replace(s, k_pages=pools[0], v_pages=pools[1])
     status = tuple(_replicated(x) for x in (state.done_B, state.count_B, state.lengths_B))
     return state, status + (steps,)
@@ -371,11 +375,12 @@ def _pow2_at_least(n: int) -> int:
 
 def live_pages_bucket(pages: int, slots_local: int, width: int) -> int:
   """The ``live_pages`` of a decode call whose shards hold at most ``pages`` live pages: the
-  smallest of 1, 2, 3 and 2 or 3 times a power of two that holds them (at most 50 % more than
-  needed, two programs per doubling: each is a compilation), at most every page of every slot."""
+  smallest of 1 … 8 and 4, 5, 6 or 7 times a power of two that holds them (at most 25 % more
+  than needed, four programs per doubling: each is a compilation), at most every page of every
+  slot. Attention reads every entry at every step: a coarser bucket costs more a step."""
   n = max(pages, 1)
-  if n > 3:
-    shift = (n - 1).bit_length() - 2
+  if n > 8:
+    shift = (n - 1).bit_length() - 3
     n = -(-n >> shift) << shift
   return min(n, slots_local * width)
 
