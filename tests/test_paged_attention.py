@@ -167,6 +167,37 @@ def test_live_attention_computes_the_queries_once_per_slot():
   np.testing.assert_allclose(fn(*args), given(np.sin(c["q"]) * 3.0, *args[1:]), atol=1e-6)
 
 
+def test_decode_computes_the_rotary_tables_once():
+  """Every layer of a decode step reads one set of rotary sines and cosines: XLA:CPU computes
+  them in one place, not inside each layer's query and key fusions; the hidden states equal
+  those of the model run over the whole sequence."""
+  from tropd_jax import models
+  cfg = models.ModelConfig(model_type="qwen3", vocab_size=64, d_model=32, d_ff=64, num_layers=3,
+                           num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+  model = models.init_model(cfg, seed=1)
+  rng = np.random.RandomState(0)
+  lengths = np.asarray([3, 6], np.int32)
+  tokens = rng.randint(1, 64, (2, 7)).astype(np.int32)
+  cache = model.init_cache(num_pages=9, page_size=4, num_slots=2, max_pages_per_row=2)
+  table = np.asarray([[1, 2], [3, 4]], np.int32)
+  cache = pa.PagedKVCache(cache.k_pages, cache.v_pages, table, lengths)
+  _, cache = jax.jit(model.prefill)(tokens, lengths, cache)
+
+  def step(cache, last_B, lengths_B):
+    live = pa.gather_live(cache.k_pages, cache.v_pages, table, lengths_B,
+                          np.full(2, 2, np.int32), 4)
+    return model.decode(last_B, live)[0]
+
+  last = tokens[np.arange(2), lengths]
+  hlo = jax.jit(step).lower(cache, last, lengths).compile().as_text()
+  sines = [name for name, body in _computations(hlo).items() if " sine(" in body]
+  assert len(sines) == 1, sines  # one fusion computes the sines (one more the cosines)
+  h_BD = jax.jit(step)(cache, last, lengths)
+  full, _ = model.hidden(jnp.asarray(tokens))
+  want = np.asarray(full)[np.arange(2), lengths]
+  np.testing.assert_allclose(h_BD, want, atol=1e-4)
+
+
 def test_xla_bucket_reads_only_its_pages():
   """Rows within 2 pages: bucket 2 equals the full table; bucket 1 cuts the longer rows."""
   c = _case(lengths=(1, 8, 5, 3), seed=3)

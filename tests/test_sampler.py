@@ -87,6 +87,23 @@ def test_greedy_matches_transformers(kind, checkpoints, jax_models):
   assert stopped.stats.slots == 2 and stopped.stats.prefill_calls >= 2
 
 
+def test_keys_and_noise_are_jax_randoms():
+  """The written-out hash gives jax.random's bits: fold_in and Gumbel noise, bit for bit (the
+  drawn tokens are those jax.random.categorical-style sampling would give)."""
+  from tropd_jax.sampling import draw as draw_lib
+  seed_key = jax.random.key(7, impl="threefry2x32")
+  np.testing.assert_array_equal(draw_lib.seed_key(7), jax.random.key_data(seed_key))
+  ids = jnp.asarray([0, 1, 5, 2**31 - 1], jnp.int32)
+  keys = jax.jit(draw_lib.fold_in)(draw_lib.seed_key(7), ids)
+  want = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(seed_key, i)))(ids)
+  np.testing.assert_array_equal(keys, want)
+  tokens = jax.jit(draw_lib.token_keys)(keys, jnp.asarray([0, 3, 1000, 7]))
+  noise = jax.jit(draw_lib.gumbel, static_argnums=1)(tokens, 1000)
+  wrapped = jax.random.wrap_key_data(tokens, impl="threefry2x32")
+  want = jax.vmap(lambda k: jax.random.gumbel(k, (1000,)))(wrapped)
+  np.testing.assert_array_equal(noise, want)
+
+
 def test_sampling_matches_softmax(jax_models):
   """Temperature 1: first-token and second-token frequencies over many rows match the model."""
   model = jax_models["diffuse"]

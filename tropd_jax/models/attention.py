@@ -26,7 +26,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from tropd_jax import mesh as mesh_lib
 from tropd_jax.models.config import ModelConfig
-from tropd_jax.models.layers import RMSNorm, apply_rope, expand_to, param
+from tropd_jax.models.layers import RMSNorm, expand_to, param, rope_tables, rotate
 
 _KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 ATTENTION_IMPLS = ("einsum", "splash", "auto")
@@ -88,7 +88,9 @@ def attend_blocked(q_BTNH, k_BSGH, v_BSGH, q_segment_BT, k_segment_BS, q_slot_T,
   return jnp.moveaxis(out_MBCNH, 0, 1).reshape(b, num * block, n, h)[:, :t]
 
 
-def _platform(mesh) -> str:
+def platform(mesh) -> str:
+  """The platform programs are compiled for: the mesh's devices' (a TPU topology when compiling
+  ahead of time), else the default backend's."""
   device = getattr(mesh, "abstract_device", None) if mesh is not None else None
   return device.platform if device is not None else jax.default_backend()
 
@@ -113,7 +115,7 @@ def splash_attend(q_BTNH, k_BTGH, v_BTGH, segment_ids_BT, *, block: int = SPLASH
   b, t, n, h = q_BTNH.shape
   mesh = mesh_lib.current_mesh()
   if interpret is None:
-    interpret = _platform(mesh) != "tpu"
+    interpret = platform(mesh) != "tpu"
   block = min(block, 128 * -(-t // 128))
   t_pad = block * -(-t // block)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, t_pad - t)) + ((0, 0),) * (x.ndim - 2))
@@ -154,7 +156,7 @@ def resolve_impl(impl: str) -> str:
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.")
   if impl == "auto":
-    return "splash" if _platform(mesh_lib.current_mesh()) == "tpu" else "einsum"
+    return "splash" if platform(mesh_lib.current_mesh()) == "tpu" else "einsum"
   return impl
 
 
@@ -185,8 +187,9 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.attention_impl = attention_impl
 
-  def qkv(self, x_BTD, positions_BT, inv_freq_h):
-    """Queries ``[B, T, N, H]``, keys and values ``[B, T, G, H]`` (biases, q/k norm, RoPE)."""
+  def qkv(self, x_BTD, rope):
+    """Queries ``[B, T, N, H]``, keys and values ``[B, T, G, H]`` (biases, q/k norm, RoPE with
+    ``rope = layers.rope_tables(positions_BT, inv_freq_h)``)."""
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...])
     k_BTGH = jnp.einsum("BTD,DGH->BTGH", x_BTD, self.k_DGH[...])
     v_BTGH = jnp.einsum("BTD,DGH->BTGH", x_BTD, self.v_DGH[...])
@@ -196,9 +199,9 @@ class Attention(nnx.Module):
       v_BTGH = v_BTGH + expand_to(self.v_bias_GH[...], 4)
     if self.cfg.qk_norm:
       q_BTNH, k_BTGH = self.q_norm(q_BTNH), self.k_norm(k_BTGH)
-    q_BTNH = mesh_lib.shard(apply_rope(q_BTNH, positions_BT, inv_freq_h),
+    q_BTNH = mesh_lib.shard(rotate(q_BTNH, rope),
                             ("batch", "length", "heads", "head_dim"))
-    k_BTGH = mesh_lib.shard(apply_rope(k_BTGH, positions_BT, inv_freq_h), _KV_AXES)
+    k_BTGH = mesh_lib.shard(rotate(k_BTGH, rope), _KV_AXES)
     return q_BTNH, k_BTGH, mesh_lib.shard(v_BTGH, _KV_AXES)
 
   def output(self, out_BTNH):
@@ -216,7 +219,7 @@ class Attention(nnx.Module):
     ``segment_ids_BT`` (int; 0 = padding) keeps packed sequences apart. ``blocked``: with the
     einsum implementation, process queries in blocks of ``QUERY_BLOCK`` (long prefills).
     """
-    q_BTNH, k_BTGH, v_BTGH = self.qkv(x_BTD, positions_BT, inv_freq_h)
+    q_BTNH, k_BTGH, v_BTGH = self.qkv(x_BTD, rope_tables(positions_BT, inv_freq_h))
     if resolve_impl(self.attention_impl) == "splash":
       out_BTNH = splash_attend(q_BTNH, k_BTGH, v_BTGH, segment_ids_BT)
     else:

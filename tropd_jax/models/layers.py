@@ -70,15 +70,39 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Arra
   return inv_freq
 
 
-def apply_rope(x_BTnH, positions_BT, inv_freq_h):
-  """Rotary embedding in the rotate-half layout HF uses; float32 math."""
+def rope_tables(positions_BT, inv_freq_h):
+  """float32 ``(cos, sin)``, each ``[B, T, 1, H]``: the rotary embedding at ``positions_BT``."""
   angles_BTh = positions_BT.astype(jnp.float32)[..., None] * expand_to(inv_freq_h, 3)
-  cos = jnp.cos(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
-  sin = jnp.sin(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
+  angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], -1)
+  return jnp.cos(angles_BTH)[:, :, None, :], jnp.sin(angles_BTH)[:, :, None, :]
+
+
+def rotate(x_BTnH, rope):
+  """Rotary embedding in the rotate-half layout HF uses, with ``rope = rope_tables(...)``;
+  float32 math."""
+  cos, sin = rope
   x32 = x_BTnH.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x32 * cos + rotated * sin).astype(x_BTnH.dtype)
+
+
+def apply_rope(x_BTnH, positions_BT, inv_freq_h):
+  """Rotary embedding at ``positions_BT`` (``rotate`` with fresh tables)."""
+  return rotate(x_BTnH, rope_tables(positions_BT, inv_freq_h))
+
+
+def computed_once(x, always_true_ints):
+  """``x`` computed into a buffer of its own, on XLA:CPU.
+
+  XLA:CPU fuses an elementwise producer into each of its consumers, and removes optimization
+  barriers: a value read by many fusions (rotary sines and cosines read by every layer, queries
+  gathered per KV entry) is recomputed in each. A conditional's result is a buffer, and fusion
+  does not cross into it. Its predicate ``all(always_true_ints >= 0)`` is always true; being
+  data-dependent, it is not folded away.
+  """
+  return jax.lax.cond(jnp.all(always_true_ints >= 0), lambda y: y,
+                      lambda y: jax.tree.map(jnp.zeros_like, y), x)
 
 
 class SwiGLU(nnx.Module):

@@ -53,7 +53,7 @@ from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as p
 from jax.sharding import PartitionSpec
 
 from tropd_jax import mesh as mesh_lib
-from tropd_jax.models import attention
+from tropd_jax.models import attention, layers
 
 PAGED_IMPLS = ("xla", "pallas", "auto")
 # Logical axes of the cache's arrays (tropd_jax.mesh.RULES maps them to the mesh).
@@ -317,7 +317,7 @@ def resolve_impl(impl: str, head_dim: int) -> str:
   if impl not in PAGED_IMPLS:
     raise ValueError(f"paged attention impl={impl!r} is not one of {PAGED_IMPLS}.")
   if impl == "auto":
-    tpu = attention._platform(mesh_lib.current_mesh()) == "tpu"
+    tpu = attention.platform(mesh_lib.current_mesh()) == "tpu"
     return "pallas" if tpu and head_dim % 128 == 0 else "xla"
   return impl
 
@@ -377,7 +377,7 @@ def paged_attention(q_BNH, k_pages_GPZH, v_pages_GPZH, lengths_B, page_table_BP,
           f"paged_attention: pages_per_compute_block={pages_per_compute_block} does not divide "
           f"the page-table width {pages_bucket}; pick a divisor of it.")
     if interpret is None:
-      interpret = attention._platform(mesh_lib.current_mesh()) != "tpu"
+      interpret = attention.platform(mesh_lib.current_mesh()) != "tpu"
     if not interpret and h % 128:
       raise ValueError(f"paged_attention: impl='pallas' compiles for TPU only with a head dim "
                        f"that is a multiple of 128, not H={h}; use impl='xla' or 'auto'.")
@@ -495,7 +495,7 @@ class LivePages:
         (spec.entries, spec.entries, spec.heads, spec.heads, spec.slots, spec.slots,
          spec.slots),
         lambda m, bt: (spec.entries(m, bt),) * 2)
-    on_cpu = attention._platform(mesh_lib.current_mesh()) == "cpu"
+    on_cpu = attention.platform(mesh_lib.current_mesh()) == "cpu"
     out_BNH = _per_shard(
         functools.partial(_attend_live, query_once=on_cpu),
         (q_BNH, k, v, self.row_E, self.ord_E, self.lengths_B + 1),
@@ -602,29 +602,17 @@ def _write_live(k_EGHZ, v_EGZH, k_BGH, v_BGH, start_B, pages_B, pos_B):
   return k_EGHZ, v_EGZH
 
 
-def _computed_once(x, lengths_B):
-  """``x`` computed into a buffer of its own, on XLA:CPU.
-
-  XLA:CPU fuses an elementwise producer into each of its consumers, and removes optimization
-  barriers: the queries' norm and rotary embedding (a sine and a cosine an element) would be
-  recomputed inside ``_attend_live``'s gather for every entry, not once per slot (measured on
-  the ragged benchmark's model: ~1.4 µs an entry and layer, as much as one of the attention's
-  two dots). A conditional's result is a buffer, and
-  fusion does not cross into it (its predicate is always true; ``lengths_B`` only makes it
-  data-dependent so that it is not folded away).
-  """
-  return jax.lax.cond(jnp.all(lengths_B >= 0), lambda y: y, jnp.zeros_like, x)
-
-
 def _attend_live(q_BNH, k_EGHZ, v_EGZH, row_E, ord_E, lengths_B, *, query_once: bool = False):
   """Each row's softmax over its own entries (segment max and sum; entries of no row form an
   extra segment). ``query_once``: compute the queries into a buffer before gathering them per
-  entry (``_computed_once``; for XLA:CPU)."""
+  entry (``layers.computed_once``; for XLA:CPU: fused into the gather, their norm and rotary
+  embedding were recomputed for every entry, ~1.4 µs an entry and layer on the ragged
+  benchmark's model)."""
   b, n, h = q_BNH.shape
   e, g, _, z = k_EGHZ.shape
   row = jnp.minimum(row_E, b - 1)
   if query_once:
-    q_BNH = _computed_once(q_BNH, lengths_B)
+    q_BNH = layers.computed_once(q_BNH, lengths_B)
   q_EGQH = q_BNH[row].reshape(e, g, n // g, h)
   logits_EGQZ = jnp.einsum("EGQH,EGHZ->EGQZ", q_EGQH, k_EGHZ,
                            preferred_element_type=jnp.float32) * (h**-0.5)

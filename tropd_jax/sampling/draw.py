@@ -4,12 +4,59 @@ Shape key (tropd_jax/__init__.py): B rows, V vocabulary rows, K kept tokens (top
 
 Row ``r`` draws its ``t``-th token with ``fold_in(row_key_r, t)`` (``token_keys``), so its draws
 depend on its own key only: not on the slot it sits in, nor on what else is decoded beside it.
+
+Keys are raw threefry key data (uint32 ``[..., 2]``, what ``jax.random.key_data`` gives), and the
+hash is written out here (``threefry2x32``): the same bits as ``jax.random.fold_in`` and
+``jax.random.gumbel``, which XLA:CPU otherwise runs as a loop of five trips per call.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k1, k2, x1, x2):
+  """The Threefry-2x32 hash (20 rounds) of counters ``(x1, x2)`` under key ``(k1, k2)``, all
+  uint32 of one shape (or broadcastable): ``jax.random``'s hash, unrolled."""
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def seed_key(seed) -> jax.Array:
+  """uint32 ``[2]``: the data of ``jax.random.key(seed)`` (threefry) for a seed in [0, 2**32)."""
+  return jnp.stack([jnp.uint32(0), jnp.asarray(seed).astype(jnp.uint32)])
+
+
+def fold_in(keys_N2: jax.Array, data_N) -> jax.Array:
+  """uint32 ``[N, 2]``: ``jax.random.fold_in`` of each key with its ``data_N`` (ints >= 0);
+  a single key ``[2]`` or a single datum is broadcast."""
+  data_N = jnp.asarray(data_N).astype(jnp.uint32)
+  shape = jnp.broadcast_shapes(keys_N2.shape[:-1], data_N.shape)
+  data_N = jnp.broadcast_to(data_N, shape)
+  o1, o2 = threefry2x32(keys_N2[..., 0], keys_N2[..., 1], jnp.zeros_like(data_N), data_N)
+  return jnp.stack([o1, o2], axis=-1)
+
+
+def gumbel(keys_B2: jax.Array, v: int) -> jax.Array:
+  """float32 ``[B, V]``: ``jax.random.gumbel(key_b, (V,))`` for each row's key."""
+  counts_1V = jax.lax.broadcasted_iota(jnp.uint32, (1, v), 1)
+  o1, o2 = threefry2x32(keys_B2[:, :1], keys_B2[:, 1:], jnp.zeros_like(counts_1V), counts_1V)
+  mantissa = ((o1 ^ o2) >> np.uint32(9)) | np.uint32(0x3F800000)  # [1, 2)
+  tiny = jnp.finfo(jnp.float32).tiny
+  uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+  uniform = jnp.maximum(tiny, uniform * (1.0 - tiny) + tiny)
+  return -jnp.log(-jnp.log(uniform))
 
 
 def filter_logits(logits_BV: jax.Array, config, temperature=None, top_p=None) -> jax.Array:
@@ -90,22 +137,20 @@ def _argmax(x_BV: jax.Array) -> jax.Array:
 
 def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, config, temperature=None,
                   top_p=None):
-  """Draws one token per row; returns ``(tokens_B int32, logp_B float32)`` (``temperature``,
-  ``top_p``: as ``filter_logits``)."""
+  """Draws one token per row with its key (uint32 ``[B, 2]``); returns ``(tokens_B int32,
+  logp_B float32)`` (``temperature``, ``top_p``: as ``filter_logits``)."""
   logits_BV = filter_logits(logits_BV, config, temperature, top_p)
   if config.greedy:
     tokens_B = _argmax(logits_BV)
   else:  # Gumbel-max, as jax.random.categorical, with the faster argmax.
-    gumbel_BV = jax.vmap(lambda key: jax.random.gumbel(key, logits_BV.shape[1:]))(keys_B)
-    tokens_B = _argmax(logits_BV + gumbel_BV)
+    tokens_B = _argmax(logits_BV + gumbel(keys_B, logits_BV.shape[1]))
   picked_B = jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1)[:, 0]
   return tokens_B, picked_B - jax.nn.logsumexp(logits_BV, axis=-1)
 
 
-def token_keys(row_keys_B: jax.Array, index_B) -> jax.Array:
-  """[B] keys of each row's token number ``index_B`` (an int or [B] ints)."""
-  index_B = jnp.broadcast_to(jnp.asarray(index_B, jnp.int32), row_keys_B.shape[:1])
-  return jax.vmap(jax.random.fold_in)(row_keys_B, index_B)
+def token_keys(row_keys_B2: jax.Array, index_B) -> jax.Array:
+  """uint32 ``[B, 2]``: the key of each row's token number ``index_B`` (an int or [B] ints)."""
+  return fold_in(row_keys_B2, index_B)
 
 
 def is_stop(tokens_B: jax.Array, config) -> jax.Array:

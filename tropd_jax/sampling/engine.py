@@ -215,7 +215,7 @@ def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R,
     model = nnx.merge(graphdef, params)
     cache = paged.PagedKVCache(state.k_pages, state.v_pages, page_table_RP, lengths_R)
     h_RD, cache = model.prefill(tokens_RT, lengths_R, cache)
-    keys_R = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids_R)
+    keys_R = draw.fold_in(draw.seed_key(seed), row_ids_R)
     logits_RV = model.logits(h_RD[:, None])[:, 0]
     first_R, logp_R = draw.sample_tokens(logits_RV, draw.token_keys(keys_R, 0), config,
                                          *_draw_values(draw_params))
@@ -237,7 +237,7 @@ def prefill(graphdef, params, state: DecodeState, tokens_RT, lengths_R, slots_R,
                   ("batch",), ("batch",), ("batch", None))
     row_specs = (("batch",),) * 6 + (("batch", None),)
     fields = _per_shard(admit, (fields, slots_R, lengths_R, first_R, logp_R, budgets_R, done_R,
-                                jax.random.key_data(keys_R)),
+                                keys_R),
                         (slot_specs, *row_specs), slot_specs)
     return DecodeState(cache.k_pages, cache.v_pages, *fields)
 
@@ -271,7 +271,7 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     busy_B = ~state.done_B
     n = state.tokens_BN.shape[1]
     column_1N = jnp.arange(n)[None]
-    keys_B = jax.random.wrap_key_data(state.keys_B)
+    keys_B = state.keys_B
     if live_pages is None:
       kv = paged.PagedKVCache(state.k_pages, state.v_pages, page_table_BP, state.lengths_B)
       options = dict(impl=config.attention)
