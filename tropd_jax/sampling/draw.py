@@ -7,7 +7,8 @@ depend on its own key only: not on the slot it sits in, nor on what else is deco
 
 Keys are raw threefry key data (uint32 ``[..., 2]``, what ``jax.random.key_data`` gives), and the
 hash is written out here (``threefry2x32``): the same bits as ``jax.random.fold_in`` and
-``jax.random.gumbel``, which XLA:CPU otherwise runs as a loop of five trips per call.
+``jax.random.gumbel`` (with jax's default ``jax_threefry_partitionable``), which XLA:CPU
+otherwise runs as a loop of five trips per call, with copies in each.
 """
 
 from __future__ import annotations
