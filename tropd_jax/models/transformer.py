@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tropd_jax import mesh as mesh_lib
-from tropd_jax.models import paged_attention as paged
 from tropd_jax.models import attention as attention_lib
+from tropd_jax.models import paged_attention as paged
 from tropd_jax.models.attention import Attention
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.layers import (RMSNorm, SwiGLU, computed_once, param, rope_inv_freq,
