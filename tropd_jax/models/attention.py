@@ -199,8 +199,7 @@ class Attention(nnx.Module):
       v_BTGH = v_BTGH + expand_to(self.v_bias_GH[...], 4)
     if self.cfg.qk_norm:
       q_BTNH, k_BTGH = self.q_norm(q_BTNH), self.k_norm(k_BTGH)
-    q_BTNH = mesh_lib.shard(rotate(q_BTNH, rope),
-                            ("batch", "length", "heads", "head_dim"))
+    q_BTNH = mesh_lib.shard(rotate(q_BTNH, rope), ("batch", "length", "heads", "head_dim"))
     k_BTGH = mesh_lib.shard(rotate(k_BTGH, rope), _KV_AXES)
     return q_BTNH, k_BTGH, mesh_lib.shard(v_BTGH, _KV_AXES)
 

@@ -87,11 +87,6 @@ def rotate(x_BTnH, rope):
   return (x32 * cos + rotated * sin).astype(x_BTnH.dtype)
 
 
-def apply_rope(x_BTnH, positions_BT, inv_freq_h):
-  """Rotary embedding at ``positions_BT`` (``rotate`` with fresh tables)."""
-  return rotate(x_BTnH, rope_tables(positions_BT, inv_freq_h))
-
-
 def computed_once(x, always_true_ints):
   """``x`` computed into a buffer of its own, on XLA:CPU.
 
