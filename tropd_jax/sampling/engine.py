@@ -271,7 +271,6 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     busy_B = ~state.done_B
     n = state.tokens_BN.shape[1]
     column_1N = jnp.arange(n)[None]
-    keys_B = state.keys_B
     if live_pages is None:
       kv = paged.PagedKVCache(state.k_pages, state.v_pages, page_table_BP, state.lengths_B)
       options = dict(impl=config.attention)
@@ -297,7 +296,7 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
       kv = dataclasses.replace(kv, lengths_B=jnp.where(active_B, s.lengths_B, 0))
       h_BD, kv = model.decode(s.last_B, kv, **options)
       next_B, logp_B = draw.sample_tokens(model.logits(h_BD[:, None])[:, 0],
-                                          draw.token_keys(keys_B, s.count_B), config,
+                                          draw.token_keys(s.keys_B, s.count_B), config,
                                           *_draw_values(draw_params))
       at_BN = (column_1N == s.count_B[:, None]) & active_B[:, None]
       count_B = s.count_B + active_B.astype(jnp.int32)
