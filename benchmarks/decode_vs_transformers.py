@@ -1,7 +1,7 @@
 """Decode throughput of the sampling engine vs ``transformers`` ``generate``, same weights.
 
     JAX_PLATFORMS=cpu python -m benchmarks.decode_vs_transformers [--batch 16] [--prompt_len 128]
-        [--new_tokens 256] [--rounds 3]
+        [--new_tokens 256] [--rounds 3] [--host_devices 2]
 
 Builds a random float32 Qwen3-shaped model (defaults: hidden 512, 8 layers, 8 heads / 4 kv heads,
 vocabulary 32,000, tied: 41.5M parameters), saves it with ``save_pretrained`` and loads the same
@@ -13,6 +13,15 @@ each engine's best round is reported:
   total   prefill + decode: generated tokens over the wall time of a call;
   decode  the ``new_tokens - 1`` tokens after the first, over the time a call takes beyond a
           1-token call (prefill and the first token excluded).
+
+Ours runs twice per round: on one XLA:CPU device, and split over ``--host_devices`` host
+devices (default 2; ``XLA_FLAGS=--xla_force_host_platform_device_count``, set here before jax
+is imported; a ``tensor`` mesh axis of that size, decode layout ``replicated``: heads, MLP and
+vocabulary split over the devices, one all-reduce per layer). XLA:CPU runs one device's
+program one operation at a time, and attention's small products and the other small
+operations of a step use a single core; devices run their programs side by side, so a split
+keeps every core busy (transformers runs torch's intra-op threads, ``torch threads`` below).
+``--host_devices 1`` runs the single device only.
 
 Our timings exclude compilation (a warm-up call; its time is printed). Measure on a quiet
 machine: torch slows down more than XLA when other processes share the cores.
@@ -63,15 +72,16 @@ def _torch_runner(model, prompts: np.ndarray):
   return run
 
 
-def _our_runner(model, prompts: np.ndarray, args):
+def _our_runner(model, prompts: np.ndarray, args, mesh=None):
   from tropd_jax import sampling
 
   rows = prompts.tolist()
+  on_mesh = {} if mesh is None else {"mesh": mesh, "layout": "replicated"}
 
   def run(n):
     gen = sampling.generate(model, rows, n, micro_batch_size=len(rows),
                             chunk_steps=args.chunk_steps, page_size=args.page_size,
-                            length_buckets=(prompts.shape[1],))
+                            length_buckets=(prompts.shape[1],), **on_mesh)
     return np.asarray(gen.completion_ids), gen.stats
 
   return run
@@ -113,18 +123,35 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--chunk_steps", type=int, default=64)
   p.add_argument("--page_size", type=int, default=64)
+  p.add_argument("--host_devices", type=int, default=2,
+                 help="also run ours split over this many host devices (1: one device only)")
   args = p.parse_args(argv)
+  n_dev = args.host_devices
+  if n_dev < 1 or args.kv_heads % n_dev or args.heads % n_dev:
+    sys.exit(f"--host_devices={n_dev} must be at least 1 and divide --heads={args.heads} and "
+             f"--kv_heads={args.kv_heads} (it splits the heads over the devices).")
+  if n_dev > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={n_dev}").strip()
 
   import jax
   import torch
 
+  from tropd_jax import mesh as mesh_lib
   from tropd_jax import models
 
+  if jax.device_count() < n_dev:
+    sys.exit(f"--host_devices={n_dev}: jax sees {jax.device_count()} device(s) (jax was set up "
+             "before this benchmark could ask for more, or XLA_FLAGS sets fewer); run it as "
+             "its own process, or pass --host_devices 1.")
+  mesh = (mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, n_dev), devices=jax.devices()[:n_dev])
+          if n_dev > 1 else None)
   rng = np.random.RandomState(0)
   prompts = rng.randint(3, args.vocab, (args.batch, args.prompt_len)).astype(np.int64)
   with tempfile.TemporaryDirectory() as path:
     hf = _hf_model(args, path)
     ours = models.from_pretrained(path, dtype="float32")
+    split = None if mesh is None else models.from_pretrained(path, dtype="float32", mesh=mesh)
   argv_text = " ".join(sys.argv[1:] if argv is None else argv)
   print(f"command: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')} "
         f"python -m benchmarks.decode_vs_transformers {argv_text}".rstrip())
@@ -136,35 +163,46 @@ def main(argv=None) -> None:
         f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
         f"load avg before {os.getloadavg()[0]:.1f}")
   b, n = args.batch, args.new_tokens
-  our_run, torch_run = _our_runner(ours, prompts, args), _torch_runner(hf, prompts)
-  t0 = time.perf_counter()
-  our_run(1)
-  our_run(n)
-  compile_s = time.perf_counter() - t0
-  torch_run(8)
-  best = {"ours": [np.inf, np.inf], "torch": [np.inf, np.inf]}
+  runs = {"ours": _our_runner(ours, prompts, args)}
+  labels = {"ours": "tropd_jax x1"}
+  if mesh is not None:
+    runs["split"] = _our_runner(split, prompts, args, mesh)
+    labels["split"] = f"tropd_jax x{n_dev}"
+  runs["torch"], labels["torch"] = _torch_runner(hf, prompts), "transformers"
+  compile_s = {}
+  for name in runs:
+    t0 = time.perf_counter()
+    runs[name](1)
+    runs[name](n if name != "torch" else 8)
+    compile_s[name] = time.perf_counter() - t0
+  best = {name: [np.inf, np.inf] for name in runs}
   outs = {}
   for _ in range(args.rounds):
-    for name, run in (("ours", our_run), ("torch", torch_run)):
+    for name, run in runs.items():
       first_s, _ = _timed(run, 1)
       total_s, out = _timed(run, n)
       best[name][0] = min(best[name][0], total_s)
       best[name][1] = min(best[name][1], total_s - first_s)
       outs[name] = out
-  our_tokens, stats = outs["ours"]
+  stats = outs["ours"][1]
 
-  def line(name, label, extra=""):
+  def line(name, extra=""):
     total_s, decode_s = best[name]
-    print(f"{label:13s} total {total_s:6.2f} s {b * n / total_s:7.1f} tok/s | decode "
+    print(f"{labels[name]:13s} total {total_s:6.2f} s {b * n / total_s:7.1f} tok/s | decode "
           f"{decode_s:6.2f} s {b * (n - 1) / decode_s:7.1f} tok/s {extra}")
 
-  line("ours", "tropd_jax", f"(compile {compile_s:.1f} s; KV pages "
+  line("ours", f"(compile {compile_s['ours']:.1f} s; KV pages "
        f"{stats.kv_cache_bytes / 2**20:.1f} MiB float32, {stats.decode_calls} decode calls)")
-  line("torch", "transformers")
-  same = (our_tokens == outs["torch"]).all(axis=1).sum()
-  print(f"speed-up (transformers time / ours): total {best['torch'][0] / best['ours'][0]:.2f}x, "
-        f"decode {best['torch'][1] / best['ours'][1]:.2f}x; rows with identical greedy tokens: "
-        f"{same}/{b}; load avg after {os.getloadavg()[0]:.1f}")
+  if "split" in runs:
+    line("split", f"(compile {compile_s['split']:.1f} s; mesh tensor={n_dev}, heads, MLP and "
+         "vocabulary split over the devices)")
+  line("torch")
+  for name in [k for k in runs if k != "torch"]:
+    same = (outs[name][0] == outs["torch"]).all(axis=1).sum()
+    print(f"speed-up of {labels[name]} (transformers time / ours): total "
+          f"{best['torch'][0] / best[name][0]:.2f}x, decode {best['torch'][1] / best[name][1]:.2f}x;"
+          f" rows with identical greedy tokens: {same}/{b}")
+  print(f"load avg after {os.getloadavg()[0]:.1f}")
   token_kv = stats.kv_cache_bytes / (stats.pages * args.page_size)  # every layer's k and v
   weights = ours.cfg.num_params() * 4
   live = b * (args.prompt_len + (n - 1) / 2) * token_kv  # mean over the decode steps
