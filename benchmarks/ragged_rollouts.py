@@ -1,7 +1,7 @@
 """Useful tokens/s of the sampling engine when rows end at different lengths, vs fixed lengths.
 
     JAX_PLATFORMS=cpu python -m benchmarks.ragged_rollouts [--prompts 1024] [--slots 64]
-        [--fixed_tokens 128] [--budget 1024] [--rounds 3]
+        [--fixed_tokens 128] [--budget 1024] [--rounds 3] [--host_devices 1]
 
 A tiny Qwen3 (d_model 128, 2 layers, vocabulary 256) whose final norm is zeroed: its logits are
 uniform, so at temperature 1 every token is equally likely. Two runs of ``--prompts`` random
@@ -10,6 +10,9 @@ prompts (16-48 tokens) through ``sampling.generate`` with ``--slots`` slots:
   fixed      no stop id: every row draws exactly ``--fixed_tokens`` tokens;
   geometric  two stop ids (each drawn with probability 1/128 per token): lengths are
              geometric with mean ~128, cut at ``--budget``.
+
+``--host_devices 2``: the model split over two host devices on a ``tensor`` mesh axis
+(``--xla_force_host_platform_device_count=2`` is added to ``XLA_FLAGS`` before jax is imported).
 
 Useful tokens/s = tokens drawn (a final stop id included) / wall time of the call (compilation
 excluded: each run is called once before the timed rounds). ``--rounds`` rounds alternate the
@@ -47,18 +50,34 @@ def main(argv=None) -> None:
   p.add_argument("--page_size", type=int, default=64)
   p.add_argument("--refill_fraction", type=float, default=None,
                  help="SamplerConfig.refill_fraction (default: the library's)")
+  p.add_argument("--host_devices", type=int, default=1,
+                 help="split the model over this many host devices (a tensor mesh axis)")
   args = p.parse_args(argv)
+  n_dev = args.host_devices
+  if n_dev not in (1, 2):
+    sys.exit(f"--host_devices={n_dev} must be 1 or 2 (the model's 2 kv heads are split over "
+             "the devices).")
+  if n_dev > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={n_dev}").strip()
 
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
+  from tropd_jax import mesh as mesh_lib
   from tropd_jax import models, sampling
+
+  if jax.device_count() < n_dev:
+    sys.exit(f"--host_devices={n_dev}: jax sees {jax.device_count()} device(s); run this "
+             "benchmark as its own process.")
+  mesh = (mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, n_dev), devices=jax.devices()[:n_dev])
+          if n_dev > 1 else None)
 
   cfg = models.ModelConfig(model_type="qwen3", vocab_size=256, d_model=128, d_ff=256,
                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, qk_norm=True,
                            tie_word_embeddings=True, max_position_embeddings=4096)
-  model = models.init_model(cfg)
+  model = models.init_model(cfg, mesh=mesh)
   graphdef, state = nnx.split(model)
   scale = state["final_norm"]["scale"]
   scale.set_value(jnp.zeros_like(scale.get_value()))
@@ -73,13 +92,15 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     gen = sampling.generate(model, rows, budget, temperature=1.0, stop_ids=stop_ids, seed=0,
                             micro_batch_size=args.slots, chunk_steps=args.chunk_steps,
-                            page_size=args.page_size, length_buckets=(64,), **extra)
+                            page_size=args.page_size, length_buckets=(64,), mesh=mesh,
+                            **extra)
     return time.perf_counter() - t0, gen
 
   print(f"command: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')} python -m "
         f"benchmarks.ragged_rollouts {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
   print(f"{args.prompts} prompts, {args.slots} slots, page size {args.page_size}, "
-        f"{args.chunk_steps} decode steps per call; jax {jax.devices()[0].platform}, "
+        f"{args.chunk_steps} decode steps per call; jax {jax.devices()[0].platform} x{n_dev}"
+        f"{' (tensor mesh)' if mesh is not None else ''}, "
         f"cpus {os.cpu_count()}, load avg before {os.getloadavg()[0]:.1f}")
   runs = (("fixed", args.fixed_tokens, ()), ("geometric", args.budget, stops))
   for _, budget, stop_ids in runs:
