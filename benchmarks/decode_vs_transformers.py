@@ -128,9 +128,12 @@ def main(argv=None) -> None:
                  help="also run ours split over this many host devices (1: one device only)")
   args = p.parse_args(argv)
   n_dev = args.host_devices
-  if n_dev < 1 or args.kv_heads % n_dev or args.heads % n_dev:
-    sys.exit(f"--host_devices={n_dev} must be at least 1 and divide --heads={args.heads} and "
-             f"--kv_heads={args.kv_heads} (it splits the heads over the devices).")
+  split_sizes = {"heads": args.heads, "kv_heads": args.kv_heads, "d_ff": args.d_ff,
+                 "vocab": args.vocab}
+  if n_dev < 1 or any(size % n_dev for size in split_sizes.values()):
+    sys.exit(f"--host_devices={n_dev} must be at least 1 and divide "
+             + ", ".join(f"--{k}={v}" for k, v in split_sizes.items())
+             + " (they are split over the devices).")
   if n_dev > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={n_dev}").strip()
