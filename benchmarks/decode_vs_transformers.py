@@ -110,6 +110,30 @@ def _stream_bandwidth(mib: int = 512, repeats: int = 5) -> float:
   return x.nbytes / best
 
 
+def _ask_host_devices(n: int) -> None:
+  """Asks XLA:CPU for ``n`` host devices (unless ``XLA_FLAGS`` already sets a count); before jax
+  is imported."""
+  if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={n}").strip()
+
+
+def _host_mesh(n: int):
+  """A mesh with ``tensor=n`` over the first ``n`` host devices (None for one); exits with one
+  line if jax sees fewer."""
+  import jax
+
+  from tropd_jax import mesh as mesh_lib
+
+  if jax.device_count() < n:
+    sys.exit(f"--host_devices={n}: jax sees {jax.device_count()} device(s) (jax was set up "
+             "before this benchmark could ask for more, or XLA_FLAGS sets fewer); run it as "
+             "its own process, or pass --host_devices 1.")
+  if n == 1:
+    return None
+  return mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, n), devices=jax.devices()[:n])
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--batch", type=int, default=16)
@@ -134,22 +158,14 @@ def main(argv=None) -> None:
     sys.exit(f"--host_devices={n_dev} must be at least 1 and divide "
              + ", ".join(f"--{k}={v}" for k, v in split_sizes.items())
              + " (they are split over the devices).")
-  if n_dev > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={n_dev}").strip()
+  _ask_host_devices(n_dev)
 
   import jax
   import torch
 
-  from tropd_jax import mesh as mesh_lib
   from tropd_jax import models
 
-  if jax.device_count() < n_dev:
-    sys.exit(f"--host_devices={n_dev}: jax sees {jax.device_count()} device(s) (jax was set up "
-             "before this benchmark could ask for more, or XLA_FLAGS sets fewer); run it as "
-             "its own process, or pass --host_devices 1.")
-  mesh = (mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, n_dev), devices=jax.devices()[:n_dev])
-          if n_dev > 1 else None)
+  mesh = _host_mesh(n_dev)
   rng = np.random.RandomState(0)
   prompts = rng.randint(3, args.vocab, (args.batch, args.prompt_len)).astype(np.int64)
   with tempfile.TemporaryDirectory() as path:

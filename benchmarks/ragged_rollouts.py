@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from benchmarks.decode_vs_transformers import _ask_host_devices, _host_mesh
+
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -57,22 +59,15 @@ def main(argv=None) -> None:
   if n_dev not in (1, 2):
     sys.exit(f"--host_devices={n_dev} must be 1 or 2 (the model's 2 kv heads are split over "
              "the devices).")
-  if n_dev > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={n_dev}").strip()
+  _ask_host_devices(n_dev)
 
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  from tropd_jax import mesh as mesh_lib
   from tropd_jax import models, sampling
 
-  if jax.device_count() < n_dev:
-    sys.exit(f"--host_devices={n_dev}: jax sees {jax.device_count()} device(s); run this "
-             "benchmark as its own process.")
-  mesh = (mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, n_dev), devices=jax.devices()[:n_dev])
-          if n_dev > 1 else None)
+  mesh = _host_mesh(n_dev)
 
   cfg = models.ModelConfig(model_type="qwen3", vocab_size=256, d_model=128, d_ff=256,
                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, qk_norm=True,
