@@ -82,13 +82,13 @@ def main(argv=None) -> None:
   import jax
   import jax.numpy as jnp
 
-  from benchmarks.decode_vs_transformers import _stream_bandwidth
+  from benchmarks import host
 
   print(f"command: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')} python -m "
         f"benchmarks.decode_kernels {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
   print(f"jax {jax.__version__} {jax.default_backend()}, cpus {os.cpu_count()}, "
         f"load avg before {os.getloadavg()[0]:.1f}")
-  stream = _stream_bandwidth()
+  stream = host.stream_bandwidth()
   print(f"stream     {stream / 1e9:6.1f} GB/s (jitted sum over 512 MiB)")
 
   v, d = 32000, 512

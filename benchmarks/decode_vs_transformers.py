@@ -43,6 +43,8 @@ import time
 
 import numpy as np
 
+from benchmarks import host
+
 
 def _hf_model(args, path: str):
   import torch
@@ -94,46 +96,6 @@ def _timed(fn, n):
   return time.perf_counter() - t0, out
 
 
-def _stream_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-  """Bytes/s at which this host reads memory: a jitted sum over ``mib`` MiB, best of ``repeats``."""
-  import jax
-  import jax.numpy as jnp
-
-  x = jnp.ones((mib * 2**20 // 4 // 1024, 1024), jnp.float32)
-  total = jax.jit(lambda a: a.sum(0))
-  total(x).block_until_ready()
-  best = np.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return x.nbytes / best
-
-
-def _ask_host_devices(n: int) -> None:
-  """Asks XLA:CPU for ``n`` host devices (unless ``XLA_FLAGS`` already sets a count); before jax
-  is imported."""
-  if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={n}").strip()
-
-
-def _host_mesh(n: int):
-  """A mesh with ``tensor=n`` over the first ``n`` host devices (None for one); exits with one
-  line if jax sees fewer."""
-  import jax
-
-  from tropd_jax import mesh as mesh_lib
-
-  if jax.device_count() < n:
-    sys.exit(f"--host_devices={n}: jax sees {jax.device_count()} device(s) (jax was set up "
-             "before this benchmark could ask for more, or XLA_FLAGS sets fewer); run it as "
-             "its own process, or pass --host_devices 1.")
-  if n == 1:
-    return None
-  return mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, n), devices=jax.devices()[:n])
-
-
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--batch", type=int, default=16)
@@ -158,14 +120,14 @@ def main(argv=None) -> None:
     sys.exit(f"--host_devices={n_dev} must be at least 1 and divide "
              + ", ".join(f"--{k}={v}" for k, v in split_sizes.items())
              + " (they are split over the devices).")
-  _ask_host_devices(n_dev)
+  host.ask_host_devices(n_dev)
 
   import jax
   import torch
 
   from tropd_jax import models
 
-  mesh = _host_mesh(n_dev)
+  mesh = host.host_mesh(n_dev)
   rng = np.random.RandomState(0)
   prompts = rng.randint(3, args.vocab, (args.batch, args.prompt_len)).astype(np.int64)
   with tempfile.TemporaryDirectory() as path:
@@ -227,7 +189,7 @@ def main(argv=None) -> None:
   weights = ours.cfg.num_params() * 4
   live = b * (args.prompt_len + (n - 1) / 2) * token_kv  # mean over the decode steps
   read = stats.attended_pages * stats.kv_cache_bytes / stats.pages
-  bandwidth = _stream_bandwidth()
+  bandwidth = host.stream_bandwidth()
   floor_s = (weights + live) / bandwidth
   torch_rate = b * (n - 1) / best["torch"][1]
   print(f"memory per decode step: weights {weights / 2**20:.0f} MiB, live keys and values "

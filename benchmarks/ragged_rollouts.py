@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from benchmarks.decode_vs_transformers import _ask_host_devices, _host_mesh
+from benchmarks import host
 
 
 def main(argv=None) -> None:
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
   if n_dev not in (1, 2):
     sys.exit(f"--host_devices={n_dev} must be 1 or 2 (the model's 2 kv heads are split over "
              "the devices).")
-  _ask_host_devices(n_dev)
+  host.ask_host_devices(n_dev)
 
   import jax
   import jax.numpy as jnp
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
 
   from tropd_jax import models, sampling
 
-  mesh = _host_mesh(n_dev)
+  mesh = host.host_mesh(n_dev)
 
   cfg = models.ModelConfig(model_type="qwen3", vocab_size=256, d_model=128, d_ff=256,
                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, qk_norm=True,
