@@ -26,7 +26,10 @@ Also printed per run: the KV pages decode attention read per step (``EngineStats
 attended_pages``) and the bytes they hold. With geometric lengths a slot is more often held by
 a long row than by a short one (a row's chance to be in flight grows with its length), so each
 step attends over more cached tokens than in the fixed run: on a model as small as this one,
-where attention is a large part of a step, that alone keeps the ratio below 1.
+where attention is a large part of a step, that alone keeps the ratio below 1. And the run's
+tail (``EngineStats.drain_*``): after the last refill no slot is refilled, and the steps run at
+falling occupancy until the longest remaining row ends (in the geometric run, the longest of 64
+geometric remainders).
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def main(argv=None) -> None:
           f"slot occupancy {st.occupancy:.2f}, {st.prefill_calls} prefill calls; attention "
           f"read {st.attended_pages:.0f} KV pages a step, "
           f"{st.attended_pages * page_bytes / 2**20:.1f} MiB; pool {st.kv_cache_bytes / 2**20:.1f} "
-          "MiB)")
+          f"MiB; after the last refill {st.drain_steps} steps, {st.drain_seconds:.2f} s, "
+          f"occupancy {st.drain_occupancy:.2f})")
   print(f"geometric / fixed useful tokens/s: {rates['geometric'] / rates['fixed']:.2f} (best "
         f"of {args.rounds} interleaved rounds each); load avg after {os.getloadavg()[0]:.1f}")
 

@@ -273,6 +273,14 @@ def test_refills_share_one_prefill_program(jax_models):
   assert stats.prefill_calls >= 3
   # The first fill (8 rows) and refills (2 rows, as many calls as needed).
   assert sampling.compile_counts()["prefill"] - before <= 2
+  # The tail after the last refill: some of the steps, with slots emptying.
+  assert 0 < stats.drain_steps < stats.decode_steps
+  assert 0 < stats.drain_occupancy < 1 and 0 < stats.drain_seconds < stats.seconds
+  # Every row admitted at once: the whole call is its tail.
+  _, whole = draw(model, prompts, temperature=1.0, max_new_tokens=8, stop_ids=(3, 5, 7),
+                  length_buckets=(8,))
+  assert whole.prefill_calls == 1 and whole.drain_steps == whole.decode_steps
+  assert whole.drain_occupancy == pytest.approx(whole.occupancy)
 
 
 def test_bad_settings_name_the_field(jax_models):

@@ -241,6 +241,7 @@ def sample(run: Run, prompts: list[data_lib.Prompt], step: int) -> tuple[Rollout
   info.update({
       "sampler/kv_cache_gib": st.kv_cache_bytes / 2**30, "sampler/occupancy": st.occupancy,
       "sampler/preemptions": st.preemptions, "sampler/decode_steps": st.decode_steps,
+      "sampler/drain_steps": st.drain_steps, "sampler/drain_s": st.drain_seconds,
       "sampler/compilations": st.num_compilations})
   return rollout, info
 

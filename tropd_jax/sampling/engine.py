@@ -110,6 +110,9 @@ class EngineStats:
     occupancy: busy slot-steps / (slots x decode steps).
     attended_pages: KV pages decode attention read per step, all shards (mean over steps; the
       XLA path reads its whole live-page list, the Pallas kernel each busy row's pages).
+    drain_steps, drain_seconds, drain_occupancy: the tail of the call, after its last row was
+      admitted (the last prefill dispatched): slots empty and none refills, until the longest
+      remaining row ends. Its decode steps, wall time and ``occupancy``.
     preemptions: rows put back in the queue for want of pages.
     seconds: wall time of the call.
     compilations: engine compilations so far in this process, per program.
@@ -126,6 +129,9 @@ class EngineStats:
   decode_steps: int = 0
   occupancy: float = 0.0
   attended_pages: float = 0.0
+  drain_steps: int = 0
+  drain_seconds: float = 0.0
+  drain_occupancy: float = 0.0
   preemptions: int = 0
   seconds: float = 0.0
   compilations: dict = dataclasses.field(default_factory=dict)
@@ -473,6 +479,8 @@ class Engine:
       sched = _Scheduler(self, requests, slots_local, pages_local, width)
       state = sched.run(state, seed, progress)
     del state
+    drain_at, drain_steps, drain_busy = sched.last_admission
+    drain_steps = sched.decode_steps - drain_steps
     kv_bytes = paged.PagedKVCache.num_bytes(self.model_cfg.num_layers,
                                             self.model_cfg.num_kv_heads, self.model_cfg.head_dim,
                                             pages, cfg.page_size, dtype)
@@ -483,6 +491,8 @@ class Engine:
         decode_calls=sched.decode_calls, decode_steps=sched.decode_steps,
         occupancy=sched.busy_slot_steps / max(slots * sched.decode_steps, 1),
         attended_pages=sched.attended_page_steps / max(sched.decode_steps, 1),
+        drain_steps=drain_steps, drain_seconds=sched.finished_at - drain_at,
+        drain_occupancy=(sched.busy_slot_steps - drain_busy) / max(slots * drain_steps, 1),
         preemptions=sched.preemptions, seconds=time.perf_counter() - t0,
         compilations=compile_counts())
     return rollout
@@ -523,6 +533,9 @@ class _Scheduler:
     self.busy_slot_steps = self.preemptions = self.last_steps = 0
     self.attended_page_steps = 0
     self.tokens_drawn = 0
+    # (time, decode steps, busy slot-steps) when the last prefill was dispatched.
+    self.last_admission = (time.perf_counter(), 0, 0)
+    self.finished_at = self.last_admission[0]
     self.programs = programs(engine.graphdef, self.cfg.program(), engine.rules)
     self.draw_params = self.cfg.draw_params()
 
@@ -664,6 +677,7 @@ class _Scheduler:
         if not any(per_shard):
           break
         state = self._prefill(state, per_shard, seed)
+        self.last_admission = (time.perf_counter(), self.decode_steps, self.busy_slot_steps)
       # While rows wait, a call usually returns once refill_fraction of the slots has ended:
       # plan pages and attention for about twice the steps the last call ran, not the whole
       # chunk (a call that reaches its steps returns, and the next one plans again).
@@ -718,6 +732,7 @@ class _Scheduler:
           self._free(shard, slot)
       if progress is not None:
         progress(len(self.results), self.tokens_drawn)
+    self.finished_at = time.perf_counter()
     return state
 
   def rollout(self) -> Rollout:
