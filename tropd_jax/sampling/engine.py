@@ -479,8 +479,7 @@ class Engine:
       sched = _Scheduler(self, requests, slots_local, pages_local, width)
       state = sched.run(state, seed, progress)
     del state
-    drain_at, drain_steps, drain_busy = sched.last_admission
-    drain_steps = sched.decode_steps - drain_steps
+    drain_steps, drain_seconds, drain_busy = sched.drain()
     kv_bytes = paged.PagedKVCache.num_bytes(self.model_cfg.num_layers,
                                             self.model_cfg.num_kv_heads, self.model_cfg.head_dim,
                                             pages, cfg.page_size, dtype)
@@ -491,8 +490,8 @@ class Engine:
         decode_calls=sched.decode_calls, decode_steps=sched.decode_steps,
         occupancy=sched.busy_slot_steps / max(slots * sched.decode_steps, 1),
         attended_pages=sched.attended_page_steps / max(sched.decode_steps, 1),
-        drain_steps=drain_steps, drain_seconds=sched.finished_at - drain_at,
-        drain_occupancy=(sched.busy_slot_steps - drain_busy) / max(slots * drain_steps, 1),
+        drain_steps=drain_steps, drain_seconds=drain_seconds,
+        drain_occupancy=drain_busy / max(slots * drain_steps, 1),
         preemptions=sched.preemptions, seconds=time.perf_counter() - t0,
         compilations=compile_counts())
     return rollout
@@ -734,6 +733,11 @@ class _Scheduler:
         progress(len(self.results), self.tokens_drawn)
     self.finished_at = time.perf_counter()
     return state
+
+  def drain(self) -> tuple[int, float, int]:
+    """Decode steps, seconds and busy slot-steps after the last prefill was dispatched."""
+    at, steps, busy = self.last_admission
+    return self.decode_steps - steps, self.finished_at - at, self.busy_slot_steps - busy
 
   def rollout(self) -> Rollout:
     stops = set(self.cfg.stop_ids)
