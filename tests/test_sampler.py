@@ -240,7 +240,8 @@ def test_compilations_bounded_and_kv_bytes(jax_models):
   assert stats.kv_cache_bytes == models.PagedKVCache.num_bytes(
       model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim, stats.pages, 4,
       jnp.float32)
-  assert stats.pages == 2 * stats.pages_per_row + 1
+  # Every slot's whole row, the scratch page and a staged context per slot (8 tokens: 2 pages).
+  assert stats.pages == 2 * stats.pages_per_row + 1 + 2 * 2
 
 
 def test_temperature_and_top_p_share_programs(jax_models):
@@ -264,12 +265,14 @@ def test_temperature_and_top_p_share_programs(jax_models):
 
 
 def test_refills_share_one_prefill_program(jax_models):
-  """However many slots a decode call frees, refills prefill the same number of rows."""
+  """However many slots a decode call frees, host refills (a pool of the engine's own size:
+  rows may be put back) prefill the same number of rows."""
   model = jax_models["diffuse"]
   prompts = ragged_prompts(np.random.RandomState(12), [3, 2, 4, 3, 2, 4, 3, 2, 3, 4, 2, 3])
   before = sampling.compile_counts().get("prefill", 0)
   _, stats = draw(model, prompts, temperature=1.0, max_new_tokens=8, stop_ids=(3, 5, 7),
-                  slots=8, chunk_steps=8, length_buckets=(8,), refill_fraction=0.25)
+                  slots=8, chunk_steps=8, length_buckets=(8,), refill_fraction=0.25,
+                  num_pages=9)
   assert stats.prefill_calls >= 3
   # The first fill (8 rows) and refills (2 rows, as many calls as needed).
   assert sampling.compile_counts()["prefill"] - before <= 2
@@ -281,6 +284,30 @@ def test_refills_share_one_prefill_program(jax_models):
                   length_buckets=(8,))
   assert whole.prefill_calls == 1 and whole.drain_steps == whole.decode_steps
   assert whole.drain_occupancy == pytest.approx(whole.occupancy)
+
+
+def test_rows_admitted_inside_the_decode_loop(jax_models):
+  """With the default pool, rows prefilled ahead take a slot inside the decode loop the step
+  its row ends: the same tokens as host refills, in fewer decode calls, with no idle slot
+  while rows wait."""
+  model = jax_models["diffuse"]
+  prompts = ragged_prompts(np.random.RandomState(13), [3, 5, 2, 4, 6, 3, 2, 5, 4, 3, 6, 2, 3,
+                                                       4, 5, 2, 3, 4, 2, 5])
+  cfg = dict(temperature=1.0, max_new_tokens=12, stop_ids=(3, 5, 7), slots=4, page_size=4,
+             chunk_steps=8, length_buckets=(8,))
+  staged, staged_stats = draw(model, prompts, **cfg)
+  hosted, hosted_stats = draw(model, prompts, num_pages=1 + 4 * 5, **cfg)
+  assert [t.tolist() for t in staged.tokens] == [t.tolist() for t in hosted.tokens]
+  np.testing.assert_allclose(np.concatenate(staged.logp), np.concatenate(hosted.logp),
+                             atol=1e-5)
+  assert staged_stats.prefill_calls < hosted_stats.prefill_calls
+  assert staged_stats.decode_calls < hosted_stats.decode_calls
+  assert staged_stats.decode_steps <= hosted_stats.decode_steps
+  # Until the last row is admitted, slots are (nearly) always busy.
+  before = staged_stats.decode_steps - staged_stats.drain_steps
+  busy_before = (staged_stats.occupancy * staged_stats.decode_steps
+                 - staged_stats.drain_occupancy * staged_stats.drain_steps)
+  assert busy_before / before > 0.9
 
 
 def test_bad_settings_name_the_field(jax_models):

@@ -275,8 +275,6 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     max_steps = jnp.minimum(max_steps, config.chunk_steps)  # what the pages were planned for
     state = dataclasses.replace(state, done_B=state.done_B | release_B)
     busy_B = ~state.done_B
-    n = state.tokens_BN.shape[1]
-    column_1N = jnp.arange(n)[None]
     if live_pages is None:
       kv = paged.PagedKVCache(state.k_pages, state.v_pages, page_table_BP, state.lengths_B)
       options = dict(impl=config.attention)
@@ -296,23 +294,7 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
 
     def body(carry):
       step, s, kv = carry
-      active_B = ~s.done_B
-      # An idle slot runs at position 0 (its write lands on its first page, the scratch page
-      # once freed, or nowhere) and attends over one token: it never reads past its pages.
-      kv = dataclasses.replace(kv, lengths_B=jnp.where(active_B, s.lengths_B, 0))
-      h_BD, kv = model.decode(s.last_B, kv, **options)
-      next_B, logp_B = draw.sample_tokens(model.logits(h_BD[:, None])[:, 0],
-                                          draw.token_keys(s.keys_B, s.count_B), config,
-                                          *_draw_values(draw_params))
-      at_BN = (column_1N == s.count_B[:, None]) & active_B[:, None]
-      count_B = s.count_B + active_B.astype(jnp.int32)
-      ended_B = draw.is_stop(next_B, config) | (count_B >= s.budget_B)
-      s = dataclasses.replace(
-          s, lengths_B=s.lengths_B + active_B.astype(jnp.int32),
-          last_B=jnp.where(active_B, next_B, s.last_B),
-          tokens_BN=jnp.where(at_BN, next_B[:, None], s.tokens_BN),
-          logp_BN=jnp.where(at_BN, logp_B[:, None], s.logp_BN),
-          count_B=count_B, done_B=s.done_B | (active_B & ended_B))
+      s, kv = _decode_step(model, s, kv, draw_params, config, options)
       return step + 1, s, kv
 
     steps, s, kv = jax.lax.while_loop(cond, body, (jnp.int32(0), s, kv))
@@ -326,6 +308,173 @@ def decode(graphdef, params, state: DecodeState, page_table_BP, max_steps, min_e
     state = dataclasses.replace(s, k_pages=pools[0], v_pages=pools[1])
     status = tuple(_replicated(x) for x in (state.done_B, state.count_B, state.lengths_B))
     return state, status + (steps,)
+
+
+def _decode_step(model, s: DecodeState, kv, draw_params, config: SamplerConfig, options):
+  """One token for every busy slot: feeds ``last_B``, caches it in ``kv``, draws the next."""
+  active_B = ~s.done_B
+  # An idle slot runs at position 0 (its write lands on its first page, the scratch page once
+  # freed, or nowhere) and attends over one token: it never reads past its pages.
+  kv = dataclasses.replace(kv, lengths_B=jnp.where(active_B, s.lengths_B, 0))
+  h_BD, kv = model.decode(s.last_B, kv, **options)
+  next_B, logp_B = draw.sample_tokens(model.logits(h_BD[:, None])[:, 0],
+                                      draw.token_keys(s.keys_B, s.count_B), config,
+                                      *_draw_values(draw_params))
+  at_BN = (jnp.arange(s.tokens_BN.shape[1])[None] == s.count_B[:, None]) & active_B[:, None]
+  count_B = s.count_B + active_B.astype(jnp.int32)
+  ended_B = draw.is_stop(next_B, config) | (count_B >= s.budget_B)
+  s = dataclasses.replace(
+      s, lengths_B=s.lengths_B + active_B.astype(jnp.int32),
+      last_B=jnp.where(active_B, next_B, s.last_B),
+      tokens_BN=jnp.where(at_BN, next_B[:, None], s.tokens_BN),
+      logp_BN=jnp.where(at_BN, logp_B[:, None], s.logp_BN),
+      count_B=count_B, done_B=s.done_B | (active_B & ended_B))
+  return s, kv
+
+
+def decode_admitting(graphdef, params, state: DecodeState, stage: DecodeState, page_table_BP,
+                     pages_B, max_steps, min_ended, release_B, draw_params, waiting_Q, context_QC,
+                     num_waiting, queue_waiting, *, config: SamplerConfig, rules, live_pages: int,
+                     min_pages: int, admit_per_pass: int):
+  """``decode`` (the XLA path) that also admits rows inside its loop: as soon as a slot's row
+  ends, the next staged row takes the slot, with no return to the host and no prefill.
+
+  Staged rows were prefilled ahead (``prefill`` into ``stage``, a ``DecodeState`` of their own
+  whose pools are ``state``'s): their first token is drawn and their context is in pool pages.
+  Admitting one into an ended slot copies its state into the slot and its context pages into
+  the slot's live-page entries (the slot's pages pass to the new row, which needs at most
+  ``min_pages`` of them in this call); the ended row's tokens go to ``evicted`` first.
+
+  Args:
+    state: the engine state (donated); ``stage``: the staged rows (``S`` slots, no pools).
+    page_table_BP: int32 the slots' pages; ``pages_B``: int32 how many of them the call
+      copies (every busy row's pages up to ``lengths + max_steps``; ``min_pages`` at least in
+      a slot that may take a staged row, busy or empty).
+    max_steps, min_ended, release_B, draw_params: as ``decode``; ``min_ended`` applies once
+      every staged row is admitted and more wait on the host (``queue_waiting``).
+    waiting_Q: int32 stage slot of each staged row, in admission order (``num_waiting`` valid).
+    context_QC: int32 their context pages (``C`` = the stage's most context pages).
+    live_pages: static, entries of the live-page list; ``min_pages``, ``admit_per_pass``:
+      static, pages a slot needs to take a staged row and rows admitted per pass.
+
+  Returns:
+    ``(state, status)``: status is ``(done_B, count_B, lengths_B, steps, admitted,
+    occupant_B, busy, last, busy_at_last, evicted)``: ``admitted`` staged rows went in; ``occupant_B`` which
+    one each slot holds (-1: the row it held before the call); ``busy`` the busy slot-steps;
+    ``last``, ``busy_at_last`` the step of the last admission (-1: none) and the busy
+    slot-steps before it; ``evicted`` the rows that left a slot for them (``Evicted``, one per
+    admission, in its order).
+  """
+  _COMPILES["decode"] += 1
+  with mesh_lib.use_rules(dict(rules)):
+    model = nnx.merge(graphdef, params)
+    max_steps = jnp.minimum(max_steps, config.chunk_steps)
+    state = dataclasses.replace(state, done_B=state.done_B | release_B)
+    b, n = state.tokens_BN.shape
+    q, c = context_QC.shape
+    z, a = config.page_size, admit_per_pass
+    kv = paged.gather_live(state.k_pages, state.v_pages, page_table_BP, state.lengths_B,
+                           pages_B, live_pages)
+    pools = (state.k_pages, state.v_pages)
+    s = dataclasses.replace(state, k_pages=(), v_pages=())
+    takes_B = pages_B >= min_pages  # a slot with room for a staged row
+    evicted = Evicted(tokens_QN=jnp.zeros((q, n), jnp.int32),
+                      logp_QN=jnp.zeros((q, n), jnp.float32), count_Q=jnp.zeros((q,), jnp.int32),
+                      slot_Q=jnp.full((q,), -1, jnp.int32),
+                      occupant_Q=jnp.full((q,), -1, jnp.int32))
+    # carry: (step, state, live pages, staged rows admitted, occupant_B, evicted, busy
+    # slot-steps, the step of the last admission)
+
+    def running(carry):
+      step, s, _, admitted, *_ = carry
+      staged_left = admitted < num_waiting
+      wait_host = ~staged_left & queue_waiting & (jnp.sum(s.done_B) >= jnp.maximum(min_ended, 1))
+      return (step < max_steps) & (jnp.any(~s.done_B) | staged_left) & ~wait_host
+
+    def can_admit(carry):
+      step, s, _, admitted, *_ = carry
+      return (step < max_steps) & (admitted < num_waiting) & jnp.any(s.done_B & takes_B)
+
+    def admit(carry):
+      step, s, kv, admitted, occupant_B, ev, busy, _, _ = carry
+      free_B = s.done_B & takes_B
+      rank_B = jnp.cumsum(free_B) - 1
+      count = jnp.minimum(jnp.minimum(jnp.sum(free_B), num_waiting - admitted), a)
+      slot_A = jnp.full((a,), b, jnp.int32).at[jnp.where(free_B & (rank_B < count), rank_B, a)
+                                              ].set(jnp.arange(b, dtype=jnp.int32), mode="drop")
+      valid_A = jnp.arange(a) < count
+      index_A = admitted + jnp.arange(a, dtype=jnp.int32)  # into waiting_Q
+      staged_A = waiting_Q[jnp.minimum(index_A, q - 1)]
+      slot_A = jnp.where(valid_A, slot_A, b)  # b: out of range, dropped
+      held_A = jnp.minimum(slot_A, b - 1)
+      # The ended rows' tokens leave first.
+      into_A = jnp.where(valid_A, index_A, q)
+      ev = Evicted(*(x.at[into_A].set(v, mode="drop") for x, v in zip(
+          ev, (s.tokens_BN[held_A], s.logp_BN[held_A], s.count_B[held_A], held_A,
+               occupant_B[held_A]))))
+      # Context pages into the slot's first entries.
+      entry_AC = jnp.where(valid_A[:, None],
+                           kv.start_B[held_A][:, None] + jnp.arange(c)[None], kv.num_entries)
+      page_AC = context_QC[jnp.minimum(index_A, q - 1)]
+      keys = tuple(k.at[entry_AC].set(jnp.transpose(p[:, page_AC], (1, 2, 0, 4, 3)),
+                                      mode="drop") for k, p in zip(kv.k_EGHZ, pools[0]))
+      values = tuple(v.at[entry_AC].set(jnp.moveaxis(p[:, page_AC], 0, 2), mode="drop")
+                     for v, p in zip(kv.v_EGZH, pools[1]))
+      kv = dataclasses.replace(kv, k_EGHZ=keys, v_EGZH=values)
+      put = lambda x, v: x.at[slot_A].set(v, mode="drop")
+      s = DecodeState((), (), *(put(x, v[staged_A]) for x, v in zip(
+          _fields(s), _fields(stage))))
+      return step, s, kv, admitted + count, put(occupant_B, index_A), ev, busy, step, busy
+
+    def steps_until_admission(carry):
+      def body(carry):
+        step, s, kv, *rest, busy, last, busy_at_last = carry
+        busy = busy + jnp.sum(~s.done_B, dtype=jnp.int32)
+        s, kv = _decode_step(model, s, kv, draw_params, config, {})
+        return step + 1, s, kv, *rest, busy, last, busy_at_last
+      return jax.lax.while_loop(lambda c: running(c) & ~can_admit(c), body, carry)
+
+    def body(carry):
+      carry = jax.lax.cond(can_admit(carry), admit, lambda c: c, carry)
+      return steps_until_admission(carry)
+
+    carry = (jnp.int32(0), s, kv, jnp.int32(0), jnp.full((b,), -1, jnp.int32), evicted,
+             jnp.int32(0), jnp.int32(-1), jnp.int32(0))
+    steps, s, kv, admitted, occupant_B, evicted, busy, *last = jax.lax.while_loop(
+        lambda c: running(c) | can_admit(c), body, carry)
+    # A slot that took a staged row wrote from its first entry, at most min_pages of them;
+    # the others from their page at the call's start, as ``decode``.
+    written_pages = max((config.chunk_steps - 1) // z + 2, min_pages)  # static
+    first_written_B = jnp.where(occupant_B >= 0, 0, state.lengths_B // z)
+    k_pages, v_pages = kv.scatter(*pools, first_written_B, written_pages)
+    state = dataclasses.replace(s, k_pages=k_pages, v_pages=v_pages)
+    status = (state.done_B, state.count_B, state.lengths_B, steps, admitted, occupant_B, busy,
+              *last, evicted)
+    return state, status
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Evicted:
+  """Rows that left their slot for a staged row inside ``decode_admitting``, one per
+  admission (``Q``: the call's staged rows): their drawn tokens and log-probs, how many, the
+  slot, and who held it (-1: the row it held at the call's start, else the staged row's
+  admission index)."""
+
+  tokens_QN: jax.Array
+  logp_QN: jax.Array
+  count_Q: jax.Array
+  slot_Q: jax.Array
+  occupant_Q: jax.Array
+
+  def __iter__(self):
+    return iter((self.tokens_QN, self.logp_QN, self.count_Q, self.slot_Q, self.occupant_Q))
+
+
+def _fields(s: DecodeState) -> tuple[jax.Array, ...]:
+  """A state's per-slot fields (all but the pools), in ``DecodeState`` order."""
+  return (s.lengths_B, s.last_B, s.tokens_BN, s.logp_BN, s.count_B, s.budget_B, s.done_B,
+          s.keys_B)
 
 
 def _draw_values(draw_params):
@@ -347,6 +496,7 @@ class Programs:
 
   prefill: Callable
   decode: Callable
+  decode_admitting: Callable
 
 
 @functools.lru_cache(maxsize=32)
@@ -356,7 +506,10 @@ def programs(graphdef, config: SamplerConfig, rules) -> Programs:
   bind = lambda fn: functools.partial(fn, graphdef, config=config, rules=rules)
   return Programs(
       prefill=jax.jit(bind(prefill), donate_argnames=("state",)),
-      decode=jax.jit(bind(decode), static_argnames=("live_pages",), donate_argnames=("state",)))
+      decode=jax.jit(bind(decode), static_argnames=("live_pages",), donate_argnames=("state",)),
+      decode_admitting=jax.jit(
+          bind(decode_admitting), static_argnames=("live_pages", "min_pages", "admit_per_pass"),
+          donate_argnames=("state",)))
 
 
 _take_rows = jax.jit(take_rows)
@@ -422,6 +575,15 @@ class Engine:
   def graphdef_cfg(self):
     return nnx.merge(self.graphdef, self.params).cfg
 
+  def admits_in_loop(self) -> bool:
+    """Whether rows are staged and admitted inside the decode loop (``decode_admitting``): on
+    the XLA attention path, with one batch shard and the default pool (``num_pages=0``; a
+    smaller pool puts rows back in the queue, which the host does between calls)."""
+    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+    with ctx:
+      impl = paged.resolve_impl(self.config.attention, self.model_cfg.head_dim)
+    return impl == "xla" and self.shards == 1 and not self.config.num_pages
+
   def shape(self, requests: Sequence[Request]) -> tuple[int, int, int]:
     """``(slots, pages, pages_per_row)`` of a call on ``requests`` (global, shard multiples)."""
     cfg, shards = self.config, self.shards
@@ -434,6 +596,8 @@ class Engine:
       row = max(cfg.bucket(len(r.context)) + r.budget for r in requests)
       pages_per_row = _pow2_at_least(-(-row // cfg.page_size))
     pages = cfg.num_pages or slots * pages_per_row + shards
+    if self.admits_in_loop():  # and the stage's contexts
+      pages += slots * stage_context_pages(requests, cfg)
     pages = -(-pages // shards) * shards
     return slots, pages, pages_per_row
 
@@ -476,7 +640,8 @@ class Engine:
     with ctx, mesh_lib.use_rules(layout_rules):
       state = _init_state(self.model_cfg, cfg.program(), slots=slots, pages=pages,
                           pages_per_row=width, dtype=dtype.name, rules=self.rules)
-      sched = _Scheduler(self, requests, slots_local, pages_local, width)
+      scheduler = _StagedScheduler if self.admits_in_loop() else _Scheduler
+      sched = scheduler(self, requests, slots_local, pages_local, width)
       state = sched.run(state, seed, progress)
     del state
     drain_steps, drain_seconds, drain_busy = sched.drain()
@@ -753,3 +918,166 @@ class _Scheduler:
         prefix_lengths=np.asarray([len(r.context) - r.prompt_length for r in self.requests],
                                   np.int32),
         logp=tuple(logp), stopped=np.asarray(stopped, bool))
+
+
+class _StagedScheduler(_Scheduler):
+  """The scheduler of the XLA path on one batch shard with the default pool: rows are
+  prefilled ahead into a stage (prefill calls of up to a whole refill of slots) and
+  ``decode_admitting`` admits them inside its loop the step a slot's row ends, so slots do not
+  idle until the host refills them, and a decode call runs its whole chunk.
+
+  The pool holds every slot's whole row and the stage's contexts: no row is ever put back.
+  """
+
+  def __init__(self, engine: Engine, requests: Sequence[Request], slots_local: int,
+               pages_local: int, width: int):
+    super().__init__(engine, requests, slots_local, pages_local, width)
+    z = self.cfg.page_size
+    self.stage_size = slots_local
+    self.context_pages = stage_context_pages(requests, self.cfg)
+    # Steps a call plans for: every busy row holds the pages of its next ``steps`` positions,
+    # which attention reads at every step, written or not; half a page keeps that to half a
+    # page a row on average (a call costs about as much as a few steps, in copying the list).
+    self.steps = min(self.cfg.chunk_steps, max(8, z // 2))
+    # A staged row needs its context and the call's steps in the slot it takes.
+    self.min_pages = min(-(-(self.context_pages * z + self.steps) // z), width)
+    self.stage_free = list(range(self.stage_size - 1, -1, -1))
+    self.staged: collections.deque = collections.deque()  # (stage slot, row, context pages)
+
+  def _stage(self, state: DecodeState, stage: DecodeState, seed: int):
+    """Prefills waiting rows into free stage slots (calls of up to a refill of slots)."""
+    pool = self.free_pages[0]
+    while self.queue and len(self.stage_free) >= max(1, self.stage_size // 2):
+      rows = []
+      while self.queue and self.stage_free:
+        context = self.requests[self.queue[0]].context
+        longest = max([len(self.requests[r].context) for _, r, _ in rows] + [len(context)])
+        if rows and (len(rows) + 1) * self.cfg.bucket(longest) > self.cfg.prefill_tokens:
+          break
+        need = self._pages_for(len(context))
+        if len(pool) < need:
+          raise RuntimeError("the KV-cache pool has no pages for a staged row; raise num_pages.")
+        rows.append((self.stage_free.pop(), self.queue.popleft(),
+                     [pool.pop() for _ in range(need)]))
+      count = _pow2_at_least(len(rows))
+      t = self.cfg.bucket(max(len(self.requests[r].context) for _, r, _ in rows))
+      tokens = np.full((count, t), self.cfg.pad_id, np.int32)
+      lengths = np.zeros(count, np.int32)
+      slots = np.full(count, self.stage_size, np.int32)  # out of range: filler rows
+      table = np.zeros((count, self.width), np.int32)
+      row_ids = np.zeros(count, np.int32)
+      budgets = np.ones(count, np.int32)
+      for i, (slot, row, pages) in enumerate(rows):
+        request = self.requests[row]
+        tokens[i, :len(request.context)] = request.context
+        lengths[i], slots[i], row_ids[i], budgets[i] = (
+            len(request.context), slot, request.row_id, request.budget)
+        table[i, :len(pages)] = pages
+      full = dataclasses.replace(stage, k_pages=state.k_pages, v_pages=state.v_pages)
+      full = self.programs.prefill(self.engine.params, full, tokens, lengths, slots, table,
+                                   row_ids, budgets, np.int32(seed), self.draw_params)
+      state = dataclasses.replace(state, k_pages=full.k_pages, v_pages=full.v_pages)
+      stage = dataclasses.replace(full, k_pages=(), v_pages=())
+      self.prefill_calls += 1
+      self.staged.extend(rows)
+    return state, stage
+
+  def _keep_pages(self, slot: int, pages: int) -> None:
+    """Frees the slot's pages past its first ``pages``."""
+    have = self.slot_pages[0][slot]
+    if len(have) > pages:
+      self.free_pages[0].extend(reversed(have[pages:]))
+      del have[pages:]
+      self.page_table[slot, pages:] = paged.SCRATCH_PAGE
+
+  def run(self, state, seed: int, progress):
+    self.pallas = False
+    cfg, slots, z = self.cfg, self.slots_local, self.cfg.page_size
+    stage = dataclasses.replace(
+        _init_state(self.engine.model_cfg, cfg.program(), slots=self.stage_size, pages=2,
+                    pages_per_row=1, dtype=state.k_pages[0].dtype.name, rules=self.engine.rules),
+        k_pages=(), v_pages=())
+    while self.queue or self.staged or any(r is not None for r in self.slot_row[0]):
+      state, stage = self._stage(state, stage, seed)
+      waiting = list(self.staged)
+      steps = self.steps
+      pages_B = np.zeros(slots, np.int32)
+      for g in range(slots):
+        tokens = 0
+        if self.slot_row[0][g] is not None:
+          tokens = int(self.lengths[g]) + steps
+        if waiting:
+          tokens = max(tokens, self.min_pages * z)
+        if tokens and not self._grow(0, g, tokens):
+          raise RuntimeError("the KV-cache pool cannot hold every slot's row; raise num_pages.")
+        pages_B[g] = min(self._pages_for(tokens), self.width) if tokens else 0
+      live = live_pages_bucket(int(pages_B.sum()), slots, self.width)
+      q = _pow2_at_least(max(len(waiting), 1))
+      waiting_Q = np.zeros(q, np.int32)
+      context_QC = np.zeros((q, self.context_pages), np.int32)
+      for i, (slot, _, pages) in enumerate(waiting):
+        waiting_Q[i] = slot
+        context_QC[i, :len(pages)] = pages
+      min_ended = max(1, math.ceil(cfg.refill_fraction * slots))
+      started = time.perf_counter()
+      state, status = self.programs.decode_admitting(
+          self.engine.params, state, stage, self.page_table, pages_B, np.int32(steps),
+          np.int32(min_ended), self.release, self.draw_params, waiting_Q, context_QC,
+          np.int32(len(waiting)), np.bool_(bool(self.queue)), live_pages=live,
+          min_pages=self.min_pages, admit_per_pass=_ADMIT_PER_PASS)
+      done, count, lengths, ran, admitted, occupant, busy_steps, last, busy_at_last = map(
+          _host, status[:-1])
+      evicted = Evicted(*map(_host, status[-1]))
+      ran, admitted, last = int(ran), int(admitted), int(last)
+      if admitted:  # the drain starts after the last admission (interpolated in time)
+        now = time.perf_counter()
+        self.last_admission = (started + (now - started) * last / max(ran, 1),
+                               self.decode_steps + last,
+                               self.busy_slot_steps + int(busy_at_last))
+      self.decode_calls += 1
+      self.decode_steps += ran
+      self.last_steps = ran
+      self.busy_slot_steps += int(busy_steps)
+      self.attended_page_steps += live * ran
+      held = list(self.slot_row[0])
+      for i in range(admitted):
+        who, slot = int(evicted.occupant_Q[i]), int(evicted.slot_Q[i])
+        row = held[slot] if who < 0 else waiting[who][1]
+        if row is not None:
+          n = int(evicted.count_Q[i])
+          self.results[row] = (evicted.tokens_QN[i, :n].copy(), evicted.logp_QN[i, :n].copy())
+          self.tokens_drawn += n
+      for _ in range(admitted):
+        slot, _, pages = self.staged.popleft()
+        self.stage_free.append(slot)
+        self.free_pages[0].extend(reversed(pages))
+      self.lengths[:] = lengths
+      for g in range(slots):
+        if occupant[g] >= 0:
+          self.slot_row[0][g] = waiting[int(occupant[g])][1]
+          self._keep_pages(g, self._pages_for(int(lengths[g])))
+      ended = [g for g in range(slots) if self.slot_row[0][g] is not None and done[g]]
+      if ended:
+        index = np.zeros(slots, np.int32)
+        index[:len(ended)] = ended
+        tokens, logp = map(_host, _take_rows(state.tokens_BN, state.logp_BN, index))
+        for i, g in enumerate(ended):
+          n = int(count[g])
+          self.results[self.slot_row[0][g]] = (tokens[i, :n].copy(), logp[i, :n].copy())
+          self.tokens_drawn += n
+          self.slot_row[0][g] = None
+          self._keep_pages(g, self.min_pages if (self.queue or self.staged) else 0)
+      if progress is not None:
+        progress(len(self.results), self.tokens_drawn)
+    self.finished_at = time.perf_counter()
+    return state
+
+
+def stage_context_pages(requests: Sequence[Request], cfg: SamplerConfig) -> int:
+  """Pages of the longest context of ``requests``, padded to its length bucket (what a staged
+  row holds; bucketed, so calls of similar rows share a pool size and their programs)."""
+  return max(1, -(-cfg.bucket(max(len(r.context) for r in requests)) // cfg.page_size))
+
+
+# Staged rows admitted per pass of ``decode_admitting`` (more wait for the next pass).
+_ADMIT_PER_PASS = 4
