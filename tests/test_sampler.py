@@ -166,6 +166,23 @@ def test_sharded_greedy_matches_one_device(shape, checkpoints, jax_models):
     assert got.completion_ids == expected, layout
 
 
+def test_tensor_mesh_admits_in_the_loop_and_matches_one_device(checkpoints, jax_models):
+  """Heads split over two devices, one batch shard: rows are admitted inside the decode loop
+  (the live-page copy split by kv head), with the same tokens as one device."""
+  path, _ = checkpoints["qwen3"]
+  prompts = ragged_prompts(np.random.RandomState(4), [4, 7, 1, 5, 6, 3, 2, 7, 5, 2])
+  expected = sampling.generate(jax_models["qwen3"], prompts, 8, stop_ids=(2,)).completion_ids
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 2), jax.devices()[:2])
+  model = models.from_pretrained(path, mesh=mesh)
+  config = sampling.SamplerConfig(max_new_tokens=8, stop_ids=(2,), slots=4, chunk_steps=3,
+                                  page_size=4, temperature=0.0)
+  engine = sampling.Engine(model, config, mesh=mesh, layout="tensor")
+  assert engine.admits_in_loop()
+  got = sampling.generate(model, prompts, 8, stop_ids=(2,), mesh=mesh, layout="tensor",
+                          micro_batch_size=4, chunk_steps=3, page_size=4)
+  assert got.completion_ids == expected
+
+
 def test_prefix_rows(jax_models):
   model = jax_models["qwen2"]
   rng = np.random.RandomState(4)
