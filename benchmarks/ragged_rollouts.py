@@ -20,7 +20,9 @@ two runs (fixed, geometric, fixed, ...) so that a change in the machine's load t
 each run's best round is reported. A sampler that decodes every row of a batch until its
 longest one ends, over the whole allocated cache, makes a small fraction of the fixed rate on
 the geometric run; continuous batching over a paged cache keeps slots busy and attention over
-the live length.
+the live length. Here (XLA attention, one batch shard, the default pool) rows are prefilled
+ahead, a slot count at a time, and admitted inside the decode loop the step a slot's row ends
+(``sampling.engine.decode_admitting``): no slot idles until the host refills it.
 
 Also printed per run: the KV pages decode attention read per step (``EngineStats.
 attended_pages``) and the bytes they hold. With geometric lengths a slot is more often held by
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
   print(f"command: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')} python -m "
         f"benchmarks.ragged_rollouts {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
   print(f"{args.prompts} prompts, {args.slots} slots, page size {args.page_size}, "
-        f"{args.chunk_steps} decode steps per call; jax {jax.devices()[0].platform} x{n_dev}"
+        f"at most {args.chunk_steps} decode steps per call; jax {jax.devices()[0].platform} x{n_dev}"
         f"{' (tensor mesh)' if mesh is not None else ''}, "
         f"cpus {os.cpu_count()}, load avg before {os.getloadavg()[0]:.1f}")
   runs = (("fixed", args.fixed_tokens, ()), ("geometric", args.budget, stops))
@@ -119,7 +121,8 @@ def main(argv=None) -> None:
     print(f"{name:9s} {tokens:8d} tokens in {seconds:6.2f} s: {rates[name]:8.0f} tokens/s "
           f"(mean length {tokens / args.prompts:.0f}, longest {gen.rollout.lengths.max()}; "
           f"{st.decode_steps} decode steps, {seconds / st.decode_steps * 1e3:.2f} ms a step, "
-          f"slot occupancy {st.occupancy:.2f}, {st.prefill_calls} prefill calls; attention "
+          f"slot occupancy {st.occupancy:.2f}, {st.decode_calls} decode and "
+          f"{st.prefill_calls} prefill calls; attention "
           f"read {st.attended_pages:.0f} KV pages a step, "
           f"{st.attended_pages * page_bytes / 2**20:.1f} MiB; pool {st.kv_cache_bytes / 2**20:.1f} "
           f"MiB; after the last refill {st.drain_steps} steps, {st.drain_seconds:.2f} s, "

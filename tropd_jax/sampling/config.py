@@ -32,11 +32,17 @@ class SamplerConfig:
       different rows). When a row ends, its slot takes the next waiting row. 0: one per row.
     page_size: Z, tokens per page of the KV cache.
     num_pages: pages in the KV-cache pool (global, a scratch page per shard included); 0: enough
-      for every slot to hold a whole row. With fewer, a row that cannot grow is put back in the
-      queue and drawn again later (the same tokens: its draws depend on its key only).
-    chunk_steps: decode steps per call; the host refills free slots between calls.
+      for every slot to hold a whole row (and, where rows are admitted inside the decode loop,
+      a slot count of staged contexts). With fewer, a row that cannot grow is put back in the
+      queue and drawn again later (the same tokens: its draws depend on its key only), and
+      the host refills slots between calls.
+    chunk_steps: the most decode steps per call; the host refills free slots between calls.
+      Where rows are admitted inside the loop (the XLA path, one batch shard, the default
+      pool), a call plans at most half a page of steps (every busy row's next positions are
+      read by attention from the call's first step, written or not).
     refill_fraction: a decode call returns early once this fraction of the slots has ended
-      (and rows are waiting), so free slots do not idle for a whole chunk.
+      (and rows are waiting, none of them staged), so free slots do not idle for a whole
+      chunk.
     prefill_tokens: a prefill call admits rows while (rows x padded context) stays within this
       many tokens per shard (bounds prefill memory; one row is always admitted).
     length_buckets: contexts of a prefill call are padded to the smallest bucket that holds the

@@ -9,6 +9,13 @@ empty. A row's pages are taken as it grows; when the pool runs short, the younge
 put back in the queue and drawn again later (with the same tokens: row ``r`` draws its token
 ``t`` with ``fold_in(fold_in(key(seed), r), t)``, whatever slot or step it runs in).
 
+On the XLA attention path with one batch shard and the default pool, rows are instead
+prefilled ahead into a stage (prefill calls of up to a slot count of rows) and admitted inside
+the decode loop (``decode_admitting``) the step a slot's row ends: the slot's live pages pass
+to the staged row, its context pages are copied in, and the ended row's tokens are kept for
+the host. Slots do not idle until the host refills them, a call runs its whole chunk, and
+prefills run at the batch size they are efficient at.
+
 On a mesh the slots and the pool are split over the devices that hold different rows; each
 shard's slots use only its own pages (the host allocates per shard), so nothing is gathered
 inside the decode loop but a few flags; the weights come in the decode layout
@@ -111,8 +118,9 @@ class EngineStats:
     attended_pages: KV pages decode attention read per step, all shards (mean over steps; the
       XLA path reads its whole live-page list, the Pallas kernel each busy row's pages).
     drain_steps, drain_seconds, drain_occupancy: the tail of the call, after its last row was
-      admitted (the last prefill dispatched): slots empty and none refills, until the longest
-      remaining row ends. Its decode steps, wall time and ``occupancy``.
+      admitted (the last prefill dispatched, or the step of the last admission inside the
+      loop; its time interpolated within its call): slots empty and none refills, until the
+      longest remaining row ends. Its decode steps, wall time and ``occupancy``.
     preemptions: rows put back in the queue for want of pages.
     seconds: wall time of the call.
     compilations: engine compilations so far in this process, per program.
