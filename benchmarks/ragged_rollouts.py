@@ -99,7 +99,8 @@ def main(argv=None) -> None:
   print(f"command: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')} python -m "
         f"benchmarks.ragged_rollouts {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
   print(f"{args.prompts} prompts, {args.slots} slots, page size {args.page_size}, "
-        f"at most {args.chunk_steps} decode steps per call; jax {jax.devices()[0].platform} x{n_dev}"
+        f"at most {args.chunk_steps} decode steps per call; "
+        f"jax {jax.devices()[0].platform} x{n_dev}"
         f"{' (tensor mesh)' if mesh is not None else ''}, "
         f"cpus {os.cpu_count()}, load avg before {os.getloadavg()[0]:.1f}")
   runs = (("fixed", args.fixed_tokens, ()), ("geometric", args.budget, stops))

@@ -367,11 +367,11 @@ def decode_admitting(graphdef, params, state: DecodeState, stage: DecodeState, p
 
   Returns:
     ``(state, status)``: status is ``(done_B, count_B, lengths_B, steps, admitted,
-    occupant_B, busy, last, busy_at_last, evicted)``: ``admitted`` staged rows went in; ``occupant_B`` which
-    one each slot holds (-1: the row it held before the call); ``busy`` the busy slot-steps;
-    ``last``, ``busy_at_last`` the step of the last admission (-1: none) and the busy
-    slot-steps before it; ``evicted`` the rows that left a slot for them (``Evicted``, one per
-    admission, in its order).
+    occupant_B, busy, last, busy_at_last, evicted)``: ``admitted`` staged rows went in;
+    ``occupant_B`` which one each slot holds (-1: the row it held before the call); ``busy``
+    the busy slot-steps; ``last``, ``busy_at_last`` the step of the last admission (-1: none)
+    and the busy slot-steps before it; ``evicted`` the rows that left a slot for them
+    (``Evicted``, one per admission, in its order).
   """
   _COMPILES["decode"] += 1
   with mesh_lib.use_rules(dict(rules)):
@@ -391,7 +391,7 @@ def decode_admitting(graphdef, params, state: DecodeState, stage: DecodeState, p
                       slot_Q=jnp.full((q,), -1, jnp.int32),
                       occupant_Q=jnp.full((q,), -1, jnp.int32))
     # carry: (step, state, live pages, staged rows admitted, occupant_B, evicted, busy
-    # slot-steps, the step of the last admission)
+    # slot-steps, the step of the last admission, busy slot-steps before it)
 
     def running(carry):
       step, s, _, admitted, *_ = carry
