@@ -967,7 +967,9 @@ class _StagedScheduler(_Scheduler):
           raise RuntimeError("the KV-cache pool has no pages for a staged row; raise num_pages.")
         rows.append((self.stage_free.pop(), self.queue.popleft(),
                      [pool.pop() for _ in range(need)]))
-      count = _pow2_at_least(len(rows))
+      # Rows padded to half the stage or the whole stage (powers of two): few programs.
+      count = min(max(_pow2_at_least(len(rows)), _pow2_at_least(self.stage_size // 2)),
+                  _pow2_at_least(self.stage_size))
       t = self.cfg.bucket(max(len(self.requests[r].context) for _, r, _ in rows))
       tokens = np.full((count, t), self.cfg.pad_id, np.int32)
       lengths = np.zeros(count, np.int32)
@@ -1020,9 +1022,9 @@ class _StagedScheduler(_Scheduler):
           raise RuntimeError("the KV-cache pool cannot hold every slot's row; raise num_pages.")
         pages_B[g] = min(self._pages_for(tokens), self.width) if tokens else 0
       live = live_pages_bucket(int(pages_B.sum()), slots, self.width)
-      q = _pow2_at_least(max(len(waiting), 1))
-      waiting_Q = np.zeros(q, np.int32)
-      context_QC = np.zeros((q, self.context_pages), np.int32)
+      # One shape whatever the count (a program per live-list size, as ``decode``).
+      waiting_Q = np.zeros(self.stage_size, np.int32)
+      context_QC = np.zeros((self.stage_size, self.context_pages), np.int32)
       for i, (slot, _, pages) in enumerate(waiting):
         waiting_Q[i] = slot
         context_QC[i, :len(pages)] = pages
