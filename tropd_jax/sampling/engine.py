@@ -790,25 +790,10 @@ class _Scheduler:
     admitted = max(len(a) for a in per_shard)
     rows_local = refill if admitted <= refill else min(_pow2_at_least(admitted),
                                                        _pow2_at_least(self.slots_local))
-    rows = rows_local * self.shards
-    contexts = [self.requests[row].context for admitted in per_shard for _, row in admitted]
-    t = self.cfg.bucket(max(map(len, contexts)))
-    tokens = np.full((rows, t), self.cfg.pad_id, np.int32)
-    lengths = np.zeros(rows, np.int32)
-    slots = np.full(rows, self.slots_local, np.int32)  # out of range: filler rows admit nothing
-    table = np.zeros((rows, self.width), np.int32)
-    row_ids = np.zeros(rows, np.int32)
-    budgets = np.ones(rows, np.int32)
-    for shard, admitted in enumerate(per_shard):
-      for i, (slot, row) in enumerate(admitted):
-        k = shard * rows_local + i
-        request = self.requests[row]
-        tokens[k, :len(request.context)] = request.context
-        lengths[k] = len(request.context)
-        slots[k] = slot
-        table[k] = self.page_table[shard * self.slots_local + slot]
-        row_ids[k] = request.row_id
-        budgets[k] = request.budget
+    placed = [(shard * rows_local + i, slot, row, self.page_table[shard * self.slots_local + slot])
+              for shard, admitted in enumerate(per_shard) for i, (slot, row) in enumerate(admitted)]
+    tokens, lengths, slots, table, row_ids, budgets = self._prefill_inputs(
+        placed, rows_local * self.shards, self.slots_local)
     put = self._put
     state = self.programs.prefill(
         self.engine.params, state, put(tokens, _ROW_AXES), put(lengths, _SLOT_AXES),
@@ -816,6 +801,39 @@ class _Scheduler:
         put(budgets, _SLOT_AXES), np.int32(seed), self.draw_params)
     self.prefill_calls += 1
     return state
+
+  def _prefill_inputs(self, placed, rows: int, filler_slot: int):
+    """The host arrays of a prefill call of ``rows`` rows: ``placed`` holds ``(index, slot,
+    row, page-table row)`` of each real one; the others are fillers (slot ``filler_slot``, out
+    of range: they admit nothing)."""
+    t = self.cfg.bucket(max(len(self.requests[row].context) for _, _, row, _ in placed))
+    tokens = np.full((rows, t), self.cfg.pad_id, np.int32)
+    lengths = np.zeros(rows, np.int32)
+    slots = np.full(rows, filler_slot, np.int32)
+    table = np.zeros((rows, self.width), np.int32)
+    row_ids = np.zeros(rows, np.int32)
+    budgets = np.ones(rows, np.int32)
+    for k, slot, row, table_row in placed:
+      request = self.requests[row]
+      tokens[k, :len(request.context)] = request.context
+      lengths[k], slots[k], row_ids[k], budgets[k] = (
+          len(request.context), slot, request.row_id, request.budget)
+      table[k, :len(table_row)] = table_row
+    return tokens, lengths, slots, table, row_ids, budgets
+
+  def _harvest(self, state: DecodeState, ended: list[int], count_B: np.ndarray) -> None:
+    """Keeps the drawn tokens of the rows in (global) slots ``ended`` as their results."""
+    size = max(self.slots_local, 1)
+    for start in range(0, len(ended), size):
+      chunk = ended[start:start + size]
+      index = np.zeros(size, np.int32)
+      index[:len(chunk)] = chunk
+      tokens, logp = map(_host, _take_rows(state.tokens_BN, state.logp_BN, index))
+      for i, g in enumerate(chunk):
+        shard, slot = divmod(g, self.slots_local)
+        n = int(count_B[g])
+        self.results[self.slot_row[shard][slot]] = (tokens[i, :n].copy(), logp[i, :n].copy())
+        self.tokens_drawn += n
 
   # Growth and preemption -----------------------------------------------------------------------
 
@@ -890,18 +908,9 @@ class _Scheduler:
       self.attended_page_steps += read * int(ran)
       self.lengths[:] = lengths
       ended = [g for g in busy if done[g]]
-      for start in range(0, len(ended), max(self.slots_local, 1)):
-        chunk = ended[start:start + max(self.slots_local, 1)]
-        index = np.zeros(max(self.slots_local, 1), np.int32)
-        index[:len(chunk)] = chunk
-        tokens, logp = map(_host, _take_rows(state.tokens_BN, state.logp_BN, index))
-        for i, g in enumerate(chunk):
-          shard, slot = divmod(g, self.slots_local)
-          row = self.slot_row[shard][slot]
-          n = int(count[g])
-          self.results[row] = (tokens[i, :n].copy(), logp[i, :n].copy())
-          self.tokens_drawn += n
-          self._free(shard, slot)
+      self._harvest(state, ended, count)
+      for g in ended:
+        self._free(*divmod(g, self.slots_local))
       if progress is not None:
         progress(len(self.results), self.tokens_drawn)
     self.finished_at = time.perf_counter()
@@ -970,22 +979,11 @@ class _StagedScheduler(_Scheduler):
       # Rows padded to half the stage or the whole stage (powers of two): few programs.
       count = min(max(_pow2_at_least(len(rows)), _pow2_at_least(self.stage_size // 2)),
                   _pow2_at_least(self.stage_size))
-      t = self.cfg.bucket(max(len(self.requests[r].context) for _, r, _ in rows))
-      tokens = np.full((count, t), self.cfg.pad_id, np.int32)
-      lengths = np.zeros(count, np.int32)
-      slots = np.full(count, self.stage_size, np.int32)  # out of range: filler rows
-      table = np.zeros((count, self.width), np.int32)
-      row_ids = np.zeros(count, np.int32)
-      budgets = np.ones(count, np.int32)
-      for i, (slot, row, pages) in enumerate(rows):
-        request = self.requests[row]
-        tokens[i, :len(request.context)] = request.context
-        lengths[i], slots[i], row_ids[i], budgets[i] = (
-            len(request.context), slot, request.row_id, request.budget)
-        table[i, :len(pages)] = pages
+      inputs = self._prefill_inputs([(i, slot, row, pages) for i, (slot, row, pages)
+                                     in enumerate(rows)], count, self.stage_size)
       full = dataclasses.replace(stage, k_pages=state.k_pages, v_pages=state.v_pages)
-      full = self.programs.prefill(self.engine.params, full, tokens, lengths, slots, table,
-                                   row_ids, budgets, np.int32(seed), self.draw_params)
+      full = self.programs.prefill(self.engine.params, full, *inputs, np.int32(seed),
+                                   self.draw_params)
       state = dataclasses.replace(state, k_pages=full.k_pages, v_pages=full.v_pages)
       stage = dataclasses.replace(full, k_pages=(), v_pages=())
       self.prefill_calls += 1
@@ -1067,16 +1065,10 @@ class _StagedScheduler(_Scheduler):
           self.slot_row[0][g] = waiting[int(occupant[g])][1]
           self._keep_pages(g, self._pages_for(int(lengths[g])))
       ended = [g for g in range(slots) if self.slot_row[0][g] is not None and done[g]]
-      if ended:
-        index = np.zeros(slots, np.int32)
-        index[:len(ended)] = ended
-        tokens, logp = map(_host, _take_rows(state.tokens_BN, state.logp_BN, index))
-        for i, g in enumerate(ended):
-          n = int(count[g])
-          self.results[self.slot_row[0][g]] = (tokens[i, :n].copy(), logp[i, :n].copy())
-          self.tokens_drawn += n
-          self.slot_row[0][g] = None
-          self._keep_pages(g, self.min_pages if (self.queue or self.staged) else 0)
+      self._harvest(state, ended, count)
+      for g in ended:  # the slot keeps the pages a staged row will need
+        self.slot_row[0][g] = None
+        self._keep_pages(g, self.min_pages if (self.queue or self.staged) else 0)
       if progress is not None:
         progress(len(self.results), self.tokens_drawn)
     self.finished_at = time.perf_counter()
