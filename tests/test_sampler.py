@@ -282,8 +282,8 @@ def test_temperature_and_top_p_share_programs(jax_models):
 
 
 def test_refills_share_one_prefill_program(jax_models):
-  """However many slots a decode call frees, host refills (a pool of the engine's own size:
-  rows may be put back) prefill the same number of rows."""
+  """However many slots a decode call frees, host refills (an explicit pool size: rows may be
+  put back, so the host refills between calls) prefill the same number of rows."""
   model = jax_models["diffuse"]
   prompts = ragged_prompts(np.random.RandomState(12), [3, 2, 4, 3, 2, 4, 3, 2, 3, 4, 2, 3])
   before = sampling.compile_counts().get("prefill", 0)
@@ -305,8 +305,8 @@ def test_refills_share_one_prefill_program(jax_models):
 
 def test_rows_admitted_inside_the_decode_loop(jax_models):
   """With the default pool, rows prefilled ahead take a slot inside the decode loop the step
-  its row ends: the same tokens as host refills, in fewer decode calls, with no idle slot
-  while rows wait."""
+  its row ends: the same tokens as host refills, in fewer decode calls, with (nearly) no idle
+  slot while rows wait."""
   model = jax_models["diffuse"]
   prompts = ragged_prompts(np.random.RandomState(13), [3, 5, 2, 4, 6, 3, 2, 5, 4, 3, 6, 2, 3,
                                                        4, 5, 2, 3, 4, 2, 5])
