@@ -999,7 +999,6 @@ class _StagedScheduler(_Scheduler):
       self.page_table[slot, pages:] = paged.SCRATCH_PAGE
 
   def run(self, state, seed: int, progress):
-    self.pallas = False
     cfg, slots, z = self.cfg, self.slots_local, self.cfg.page_size
     stage = dataclasses.replace(
         _init_state(self.engine.model_cfg, cfg.program(), slots=self.stage_size, pages=2,
