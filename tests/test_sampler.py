@@ -174,13 +174,14 @@ def test_tensor_mesh_admits_in_the_loop_and_matches_one_device(checkpoints, jax_
   expected = sampling.generate(jax_models["qwen3"], prompts, 8, stop_ids=(2,)).completion_ids
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 2), jax.devices()[:2])
   model = models.from_pretrained(path, mesh=mesh)
-  config = sampling.SamplerConfig(max_new_tokens=8, stop_ids=(2,), slots=4, chunk_steps=3,
+  config = sampling.SamplerConfig(max_new_tokens=8, stop_ids=(2,), slots=8, chunk_steps=3,
                                   page_size=4, temperature=0.0)
   engine = sampling.Engine(model, config, mesh=mesh, layout="tensor")
   assert engine.admits_in_loop()
   got = sampling.generate(model, prompts, 8, stop_ids=(2,), mesh=mesh, layout="tensor",
-                          micro_batch_size=4, chunk_steps=3, page_size=4)
+                          micro_batch_size=8, chunk_steps=3, page_size=4)
   assert got.completion_ids == expected
+  assert got.stats.compactions >= 1  # the tail's rows moved to fewer slots on the mesh too
 
 
 def test_prefix_rows(jax_models):
@@ -252,7 +253,8 @@ def test_compilations_bounded_and_kv_bytes(jax_models):
   cfg = dict(max_new_tokens=3, temperature=0.0, length_buckets=(4, 8), slots=2, page_size=4)
   draw(model, ragged_prompts(rng, [5, 2]), **cfg)
   before = sampling.compile_counts()
-  _, stats = draw(model, ragged_prompts(rng, [8, 6]), **cfg)  # same buckets: nothing new
+  # The same length buckets and live pages: nothing new.
+  _, stats = draw(model, ragged_prompts(rng, [7, 3]), **cfg)
   assert sampling.compile_counts() == before
   assert stats.kv_cache_bytes == models.PagedKVCache.num_bytes(
       model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim, stats.pages, 4,
@@ -296,8 +298,8 @@ def test_refills_share_one_prefill_program(jax_models):
   # The tail after the last refill: some of the steps, with slots emptying.
   assert 0 < stats.drain_steps < stats.decode_steps
   assert 0 < stats.drain_occupancy < 1 and 0 < stats.drain_seconds < stats.seconds
-  # Every row admitted at once: the whole call is its tail.
-  _, whole = draw(model, prompts, temperature=1.0, max_new_tokens=8, stop_ids=(3, 5, 7),
+  # Every row admitted at once (at most a pass's worth): the whole call is its tail.
+  _, whole = draw(model, prompts[:8], temperature=1.0, max_new_tokens=8, stop_ids=(3, 5, 7),
                   length_buckets=(8,))
   assert whole.prefill_calls == 1 and whole.drain_steps == whole.decode_steps
   assert whole.drain_occupancy == pytest.approx(whole.occupancy)
@@ -325,6 +327,23 @@ def test_rows_admitted_inside_the_decode_loop(jax_models):
   busy_before = (staged_stats.occupancy * staged_stats.decode_steps
                  - staged_stats.drain_occupancy * staged_stats.drain_steps)
   assert busy_before / before > 0.9
+
+
+def test_tail_rows_move_to_fewer_slots(jax_models):
+  """Once no row waits, the busy rows are compacted into fewer slots as rows end: the same
+  tokens and log-probs as host refills (which keep every slot), with busier slot-steps."""
+  model = jax_models["diffuse"]
+  prompts = ragged_prompts(np.random.RandomState(21), [3, 5, 2, 4, 6, 3, 2, 5, 4, 3, 6, 2, 3,
+                                                       4, 5, 2, 3, 4, 2, 5, 3, 4, 6, 2])
+  cfg = dict(temperature=1.0, max_new_tokens=24, stop_ids=(3, 5, 7), slots=16, page_size=4,
+             chunk_steps=8, length_buckets=(8,))
+  staged, staged_stats = draw(model, prompts, **cfg)
+  hosted, hosted_stats = draw(model, prompts, num_pages=1 + 16 * 8, **cfg)
+  assert staged_stats.compactions >= 1 and hosted_stats.compactions == 0
+  assert [t.tolist() for t in staged.tokens] == [t.tolist() for t in hosted.tokens]
+  np.testing.assert_allclose(np.concatenate(staged.logp), np.concatenate(hosted.logp),
+                             atol=1e-5)
+  assert staged_stats.drain_occupancy > hosted_stats.drain_occupancy
 
 
 def test_bad_settings_name_the_field(jax_models):

@@ -114,13 +114,16 @@ class EngineStats:
     kv_cache_bytes: bytes of the page pool (all devices).
     prefill_calls, decode_calls: program calls.
     decode_steps: decode steps run (each a token for every busy slot).
-    occupancy: busy slot-steps / (slots x decode steps).
+    occupancy: busy slot-steps / slot-steps run (each call's slots x its decode steps; the
+      slots of a call are fewer than ``slots`` once the tail's rows are compacted).
     attended_pages: KV pages decode attention read per step, all shards (mean over steps; the
       XLA path reads its whole live-page list, the Pallas kernel each busy row's pages).
     drain_steps, drain_seconds, drain_occupancy: the tail of the call, after its last row was
       admitted (the last prefill dispatched, or the step of the last admission inside the
       loop; its time interpolated within its call): slots empty and none refills, until the
       longest remaining row ends. Its decode steps, wall time and ``occupancy``.
+    compactions: times the tail's rows moved into half as many slots or fewer (rows admitted
+      inside the decode loop: ``_StagedScheduler``).
     preemptions: rows put back in the queue for want of pages.
     seconds: wall time of the call.
     compilations: engine compilations so far in this process, per program.
@@ -141,6 +144,7 @@ class EngineStats:
   drain_seconds: float = 0.0
   drain_occupancy: float = 0.0
   preemptions: int = 0
+  compactions: int = 0
   seconds: float = 0.0
   compilations: dict = dataclasses.field(default_factory=dict)
 
@@ -434,22 +438,20 @@ def decode_admitting(graphdef, params, state: DecodeState, stage: DecodeState, p
           _fields(s), _fields(stage))))
       return step, s, kv, admitted + count, put(occupant_B, index_A), ev, busy, step, busy
 
-    def steps_until_admission(carry):
-      def body(carry):
-        step, s, kv, *rest, busy, last, busy_at_last = carry
-        busy = busy + jnp.sum(~s.done_B, dtype=jnp.int32)
-        s, kv = _decode_step(model, s, kv, draw_params, config, {})
-        return step + 1, s, kv, *rest, busy, last, busy_at_last
-      return jax.lax.while_loop(lambda c: running(c) & ~can_admit(c), body, carry)
-
+    # One flat loop: a pass admits what it can, then every slot steps (a row waiting for the
+    # next pass idles a step). A pass nested around an inner loop of steps ran slower on
+    # XLA:CPU: every entry into the inner loop cost about a step.
     def body(carry):
       carry = jax.lax.cond(can_admit(carry), admit, lambda c: c, carry)
-      return steps_until_admission(carry)
+      step, s, kv, *rest, busy, last, busy_at_last = carry
+      busy = busy + jnp.sum(~s.done_B, dtype=jnp.int32)
+      s, kv = _decode_step(model, s, kv, draw_params, config, {})
+      return step + 1, s, kv, *rest, busy, last, busy_at_last
 
     carry = (jnp.int32(0), s, kv, jnp.int32(0), jnp.full((b,), -1, jnp.int32), evicted,
              jnp.int32(0), jnp.int32(-1), jnp.int32(0))
     steps, s, kv, admitted, occupant_B, evicted, busy, *last = jax.lax.while_loop(
-        lambda c: running(c) | can_admit(c), body, carry)
+        running, body, carry)
     # A slot that took a staged row wrote from its first entry, at most min_pages of them;
     # the others from their page at the call's start, as ``decode``.
     written_pages = max((config.chunk_steps - 1) // z + 2, min_pages)  # static
@@ -483,6 +485,14 @@ def _fields(s: DecodeState) -> tuple[jax.Array, ...]:
   """A state's per-slot fields (all but the pools), in ``DecodeState`` order."""
   return (s.lengths_B, s.last_B, s.tokens_BN, s.logp_BN, s.count_B, s.budget_B, s.done_B,
           s.keys_B)
+
+
+def compact_slots(fields, index_S, valid_S) -> tuple[jax.Array, ...]:
+  """A state's per-slot ``fields`` (``_fields``) for ``S`` slots: slot ``i`` takes slot
+  ``index_S[i]``'s row where ``valid_S[i]``, else it is empty."""
+  lengths, last, tokens, logp, count, budget, done, keys = (x[index_S] for x in fields)
+  return (jnp.where(valid_S, lengths, 0), last, tokens, logp, count, budget, done | ~valid_S,
+          keys)
 
 
 def _draw_values(draw_params):
@@ -521,6 +531,7 @@ def programs(graphdef, config: SamplerConfig, rules) -> Programs:
 
 
 _take_rows = jax.jit(take_rows)
+_compact_slots = jax.jit(compact_slots)
 _init_state = jax.jit(init_state, static_argnames=(
     "model_cfg", "config", "slots", "pages", "pages_per_row", "dtype", "rules"))
 
@@ -652,7 +663,7 @@ class Engine:
       sched = scheduler(self, requests, slots_local, pages_local, width)
       state = sched.run(state, seed, progress)
     del state
-    drain_steps, drain_seconds, drain_busy = sched.drain()
+    drain_steps, drain_seconds, drain_busy, drain_slot_steps = sched.drain()
     kv_bytes = paged.PagedKVCache.num_bytes(self.model_cfg.num_layers,
                                             self.model_cfg.num_kv_heads, self.model_cfg.head_dim,
                                             pages, cfg.page_size, dtype)
@@ -661,11 +672,12 @@ class Engine:
         rows=len(requests), tokens=int(rollout.lengths.sum()), slots=slots, pages=pages,
         pages_per_row=width, kv_cache_bytes=kv_bytes, prefill_calls=sched.prefill_calls,
         decode_calls=sched.decode_calls, decode_steps=sched.decode_steps,
-        occupancy=sched.busy_slot_steps / max(slots * sched.decode_steps, 1),
+        occupancy=sched.busy_slot_steps / max(sched.slot_steps, 1),
         attended_pages=sched.attended_page_steps / max(sched.decode_steps, 1),
         drain_steps=drain_steps, drain_seconds=drain_seconds,
-        drain_occupancy=drain_busy / max(slots * drain_steps, 1),
-        preemptions=sched.preemptions, seconds=time.perf_counter() - t0,
+        drain_occupancy=drain_busy / max(drain_slot_steps, 1),
+        preemptions=sched.preemptions, compactions=sched.compactions,
+        seconds=time.perf_counter() - t0,
         compilations=compile_counts())
     return rollout
 
@@ -702,11 +714,12 @@ class _Scheduler:
     self.results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     self.release = np.zeros(self.shards * slots_local, bool)
     self.prefill_calls = self.decode_calls = self.decode_steps = 0
-    self.busy_slot_steps = self.preemptions = self.last_steps = 0
+    self.busy_slot_steps = self.slot_steps = self.preemptions = self.last_steps = 0
+    self.compactions = 0
     self.attended_page_steps = 0
     self.tokens_drawn = 0
-    # (time, decode steps, busy slot-steps) when the last prefill was dispatched.
-    self.last_admission = (time.perf_counter(), 0, 0)
+    # (time, decode steps, busy slot-steps, slot-steps) when the last prefill was dispatched.
+    self.last_admission = (time.perf_counter(), 0, 0, 0)
     self.finished_at = self.last_admission[0]
     self.programs = programs(engine.graphdef, self.cfg.program(), engine.rules)
     self.draw_params = self.cfg.draw_params()
@@ -867,7 +880,8 @@ class _Scheduler:
         if not any(per_shard):
           break
         state = self._prefill(state, per_shard, seed)
-        self.last_admission = (time.perf_counter(), self.decode_steps, self.busy_slot_steps)
+        self.last_admission = (time.perf_counter(), self.decode_steps, self.busy_slot_steps,
+                               self.slot_steps)
       # While rows wait, a call usually returns once refill_fraction of the slots has ended:
       # plan pages and attention for about twice the steps the last call ran, not the whole
       # chunk (a call that reaches its steps returns, and the next one plans again).
@@ -903,6 +917,7 @@ class _Scheduler:
       self.decode_steps += int(ran)
       self.last_steps = int(ran)
       self.busy_slot_steps += int(ran) * len(busy)
+      self.slot_steps += int(ran) * slots
       read = (sum(self._pages_for(int(self.lengths[g]) + 1) for g in busy) if live is None
               else live * self.shards)
       self.attended_page_steps += read * int(ran)
@@ -916,10 +931,11 @@ class _Scheduler:
     self.finished_at = time.perf_counter()
     return state
 
-  def drain(self) -> tuple[int, float, int]:
-    """Decode steps, seconds and busy slot-steps after the last prefill was dispatched."""
-    at, steps, busy = self.last_admission
-    return self.decode_steps - steps, self.finished_at - at, self.busy_slot_steps - busy
+  def drain(self) -> tuple[int, float, int, int]:
+    """Decode steps, seconds, busy slot-steps and slot-steps after the last admission."""
+    at, steps, busy, slot_steps = self.last_admission
+    return (self.decode_steps - steps, self.finished_at - at, self.busy_slot_steps - busy,
+            self.slot_steps - slot_steps)
 
   def rollout(self) -> Rollout:
     stops = set(self.cfg.stop_ids)
@@ -938,10 +954,12 @@ class _Scheduler:
 
 
 class _StagedScheduler(_Scheduler):
-  """The scheduler of the XLA path on one batch shard with the default pool: rows are
-  prefilled ahead into a stage (prefill calls of up to a whole refill of slots) and
+  """The scheduler of the XLA path on one batch shard with the default pool: the first fill
+  is prefilled into the slots, later rows ahead into a stage (prefill calls of up to a whole
+  refill of slots), and
   ``decode_admitting`` admits them inside its loop the step a slot's row ends, so slots do not
-  idle until the host refills them, and a decode call runs its whole chunk.
+  idle until the host refills them, and a decode call runs its whole chunk. Once none waits,
+  the remaining rows are compacted into fewer slots as they end (``_compact``).
 
   The pool holds every slot's whole row and the stage's contexts: no row is ever put back.
   """
@@ -959,6 +977,8 @@ class _StagedScheduler(_Scheduler):
     # A staged row needs its context and the call's steps in the slot it takes.
     self.min_pages = min(-(-(self.context_pages * z + self.steps) // z), width)
     self.stage_free = list(range(self.stage_size - 1, -1, -1))
+    # Rows admitted per pass (a pass a step): rows that end together wait a few steps at most.
+    self.admit_per_pass = max(_ADMIT_PER_PASS, slots_local // 8)
     self.staged: collections.deque = collections.deque()  # (stage slot, row, context pages)
 
   def _stage(self, state: DecodeState, stage: DecodeState, seed: int):
@@ -990,6 +1010,34 @@ class _StagedScheduler(_Scheduler):
       self.staged.extend(rows)
     return state, stage
 
+  def _compact(self, state: DecodeState) -> DecodeState:
+    """Once no row waits: when the busy rows fit in half the slots (a power of two, at least
+    ``_MIN_SLOTS``), they move to the first slots of a state that small. A step's cost follows
+    its slots, busy or not: the tail, where rows end one by one and none refills, then costs
+    what its rows need. The pools and pages stay; the programs of the smaller states are
+    those of the small live-page lists a tail meets anyway (about as many compilations)."""
+    busy = [g for g in range(self.slots_local) if self.slot_row[0][g] is not None]
+    size = max(_pow2_at_least(len(busy)), _MIN_SLOTS)
+    if not busy or 2 * size > self.slots_local:
+      return state
+    for g in range(self.slots_local):
+      if self.slot_row[0][g] is None:
+        self._keep_pages(g, 0)
+    index = np.zeros(size, np.int32)
+    index[:len(busy)] = busy
+    state = DecodeState(state.k_pages, state.v_pages, *_compact_slots(
+        _fields(state), index, np.arange(size) < len(busy)))
+    pad = size - len(busy)
+    self.slot_row[0] = [self.slot_row[0][g] for g in busy] + [None] * pad
+    self.slot_pages[0] = [self.slot_pages[0][g] for g in busy] + [[] for _ in range(pad)]
+    self.page_table = self.page_table[index]
+    self.page_table[len(busy):] = paged.SCRATCH_PAGE
+    self.lengths = np.where(np.arange(size) < len(busy), self.lengths[index], 0)
+    self.release = np.zeros(size, bool)
+    self.slots_local = size
+    self.compactions += 1
+    return state
+
   def _keep_pages(self, slot: int, pages: int) -> None:
     """Frees the slot's pages past its first ``pages``."""
     have = self.slot_pages[0][slot]
@@ -1004,8 +1052,18 @@ class _StagedScheduler(_Scheduler):
         _init_state(self.engine.model_cfg, cfg.program(), slots=self.stage_size, pages=2,
                     pages_per_row=1, dtype=state.k_pages[0].dtype.name, rules=self.engine.rules),
         k_pages=(), v_pages=())
+    # The first fill goes straight into the slots, as host refills do; later rows are staged.
+    while self.queue and self.free_slots[0]:
+      per_shard = self._admit_batch()
+      if not any(per_shard):
+        break
+      state = self._prefill(state, per_shard, seed)
+      self.last_admission = (time.perf_counter(), 0, 0, 0)
     while self.queue or self.staged or any(r is not None for r in self.slot_row[0]):
       state, stage = self._stage(state, stage, seed)
+      if not self.queue and not self.staged:
+        state = self._compact(state)
+        slots = self.slots_local
       waiting = list(self.staged)
       steps = self.steps
       pages_B = np.zeros(slots, np.int32)
@@ -1031,7 +1089,7 @@ class _StagedScheduler(_Scheduler):
           self.engine.params, state, stage, self.page_table, pages_B, np.int32(steps),
           np.int32(min_ended), self.release, self.draw_params, waiting_Q, context_QC,
           np.int32(len(waiting)), np.bool_(bool(self.queue)), live_pages=live,
-          min_pages=self.min_pages, admit_per_pass=_ADMIT_PER_PASS)
+          min_pages=self.min_pages, admit_per_pass=self.admit_per_pass)
       done, count, lengths, ran, admitted, occupant, busy_steps, last, busy_at_last = map(
           _host, status[:-1])
       evicted = Evicted(*map(_host, status[-1]))
@@ -1040,11 +1098,13 @@ class _StagedScheduler(_Scheduler):
         now = time.perf_counter()
         self.last_admission = (started + (now - started) * last / max(ran, 1),
                                self.decode_steps + last,
-                               self.busy_slot_steps + int(busy_at_last))
+                               self.busy_slot_steps + int(busy_at_last),
+                               self.slot_steps + last * slots)
       self.decode_calls += 1
       self.decode_steps += ran
       self.last_steps = ran
       self.busy_slot_steps += int(busy_steps)
+      self.slot_steps += ran * slots
       self.attended_page_steps += live * ran
       held = list(self.slot_row[0])
       for i in range(admitted):
@@ -1080,5 +1140,7 @@ def stage_context_pages(requests: Sequence[Request], cfg: SamplerConfig) -> int:
   return max(1, -(-cfg.bucket(max(len(r.context) for r in requests)) // cfg.page_size))
 
 
-# Staged rows admitted per pass of ``decode_admitting`` (more wait for the next pass).
-_ADMIT_PER_PASS = 4
+# The fewest staged rows a pass of ``decode_admitting`` admits (a pass a step: more wait).
+_ADMIT_PER_PASS = 8
+# The fewest slots the tail's rows are compacted into.
+_MIN_SLOTS = 4
