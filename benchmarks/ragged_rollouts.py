@@ -31,7 +31,8 @@ step attends over more cached tokens than in the fixed run: on a model as small 
 where attention is a large part of a step, that alone keeps the ratio below 1. And the run's
 tail (``EngineStats.drain_*``): after the last refill no slot is refilled, and the steps run at
 falling occupancy until the longest remaining row ends (in the geometric run, the longest of 64
-geometric remainders).
+geometric remainders); the engine moves the remaining rows into fewer slots as they end
+(``EngineStats.compactions``), so the tail's steps cost what its rows need.
 """
 
 from __future__ import annotations
